@@ -1,0 +1,305 @@
+// SPDX-License-Identifier: GPL-2.0
+/* xdpwatch: count every packet by class and track SSH flows, at the XDP hook.
+ *
+ * Monitor only: every path returns XDP_PASS. Headers are bounds-checked before every read;
+ * a truncated or invalid header is counted as `malformed` and the packet is passed.
+ *
+ * Maps (read by producer/reader.py):
+ *   counters   per-CPU array of {packets, bytes}, indexed by enum counter_id
+ *   ssh_ports  array[65536] of u8, set by user space: 1 = SSH port
+ *   flows      LRU hash flow_key -> flow_value; user space ends flows (FIN linger, idle,
+ *              shutdown) and deletes them; the kernel only creates and updates entries
+ *   events     ring buffer of struct flow_event (flow start, flow end on RST)
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "config.h"
+#include "xdpwatch.h"
+
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_ACK 0x10
+
+#define ETH_P_8021Q_ 0x8100
+#define ETH_P_8021AD_ 0x88A8
+
+struct vlan_tag {
+	__be16 tci;
+	__be16 encap_proto;
+};
+
+/* IPv6 extension header prefix shared by hop-by-hop, routing, destination options, AH. */
+struct ipv6_ext {
+	__u8 nexthdr;
+	__u8 hdrlen;
+};
+
+struct ipv6_frag {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+};
+
+BPF_PERCPU_ARRAY(counters, struct counter, NR_COUNTERS);
+BPF_ARRAY(ssh_ports, __u8, 65536);
+BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void count(__u32 idx, __u64 len)
+{
+	struct counter *c = counters.lookup(&idx);
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
+static __always_inline int is_ssh_port(__u16 port)
+{
+	__u32 p = port;
+	__u8 *on = ssh_ports.lookup(&p);
+	return on && *on;
+}
+
+/* Reserve, fill, submit; a full ring buffer is counted, never silent. */
+static __always_inline void emit(struct flow_key *key, struct flow_value *val, __u32 type)
+{
+	struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
+	if (!e) {
+		count(C_RINGBUF_DROPS, 0);
+		return;
+	}
+	__builtin_memcpy(&e->val, val, sizeof(struct flow_value));
+	__builtin_memcpy(&e->key, key, sizeof(struct flow_key));
+	e->type = type;
+	e->_pad = 0;
+	events.ringbuf_submit(e, 0);
+	count(C_EVENTS_SUBMITTED, 0);
+}
+
+static __always_inline void update_flow(struct flow_key *key, struct flow_value *v,
+					__u32 flags, __u32 dir, __u64 len, __u64 now)
+{
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, len);
+	v->last_ns = now;
+	if (flags & ~v->tcp_flags)
+		v->tcp_flags |= flags;
+	if (!(v->directions & dir))
+		v->directions |= dir;
+	if ((flags & TH_RST) && !v->rst_ns) {
+		v->rst_ns = now;
+		emit(key, v, EV_FLOW_END_RST);
+	} else if ((flags & TH_FIN) && !v->fin_ns) {
+		v->fin_ns = now;
+	}
+}
+
+static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 dir, __u64 len)
+{
+	__u64 now = bpf_ktime_get_ns();
+	int syn = flags & TH_SYN;
+	struct flow_value *v = flows.lookup(key);
+
+	/* A SYN on a flow already ended by RST is a new connection reusing the 5-tuple. */
+	if (v && !(v->rst_ns && syn)) {
+		update_flow(key, v, flags, dir, len, now);
+		return;
+	}
+
+	struct flow_value nv = {};
+	nv.first_ns = now;
+	nv.last_ns = now;
+	nv.packets = 1;
+	nv.bytes = len;
+	nv.tcp_flags = flags;
+	nv.directions = dir;
+	nv.midstream = !syn; /* SYN or SYN-ACK opens; anything else joins mid-connection */
+	if (flags & TH_RST)
+		nv.rst_ns = now;
+	else if (flags & TH_FIN)
+		nv.fin_ns = now;
+
+	if (v) {
+		flows.update(key, &nv);
+	} else if (flows.insert(key, &nv) != 0) {
+		/* Another CPU created it first: count this packet there. */
+		v = flows.lookup(key);
+		if (v)
+			update_flow(key, v, flags, dir, len, now);
+		return;
+	}
+	count(C_FLOWS_STARTED, 0);
+	emit(key, &nv, EV_FLOW_START);
+	if (nv.rst_ns)
+		emit(key, &nv, EV_FLOW_END_RST);
+}
+
+/* L4 of an IP packet whose L3 header was valid. `l4` points after the IP headers;
+ * `first_frag` is 0 for non-first fragments (no L4 header in them). */
+static __always_inline void parse_l4(void *l4, void *data_end, __u8 proto, int first_frag,
+				     struct flow_key *key, __u64 len)
+{
+	if (proto == IPPROTO_TCP) {
+		count(C_TCP, len);
+		if (!first_frag)
+			return;
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > data_end || tcp->doff < 5) {
+			count(C_MALFORMED, len);
+			return;
+		}
+		__u16 sport = bpf_ntohs(tcp->source);
+		__u16 dport = bpf_ntohs(tcp->dest);
+		int ssh_src = is_ssh_port(sport), ssh_dst = is_ssh_port(dport);
+		if (!ssh_src && !ssh_dst)
+			return;
+		count(C_SSH, len);
+		key->proto = IPPROTO_TCP;
+		if (ssh_src && !ssh_dst) { /* server -> client: flip into the client -> server key */
+			__u8 tmp[16];
+			__builtin_memcpy(tmp, key->client_addr, 16);
+			__builtin_memcpy(key->client_addr, key->server_addr, 16);
+			__builtin_memcpy(key->server_addr, tmp, 16);
+			key->client_port = dport;
+			key->server_port = sport;
+			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len);
+		} else {
+			key->client_port = sport;
+			key->server_port = dport;
+			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_SERVER, len);
+		}
+	} else if (proto == IPPROTO_UDP) {
+		count(C_UDP, len);
+		if (first_frag && l4 + sizeof(struct udphdr) > data_end)
+			count(C_MALFORMED, len);
+	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+		count(C_ICMP, len);
+	} else {
+		count(C_L4_OTHER, len);
+	}
+}
+
+static __always_inline void parse_ipv4(void *cur, void *data_end, __u64 len)
+{
+	struct iphdr *ip = cur;
+	if ((void *)(ip + 1) > data_end) {
+		count(C_MALFORMED, len);
+		return;
+	}
+	__u32 hlen = ip->ihl * 4;
+	if (hlen < sizeof(*ip) || cur + hlen > data_end) {
+		count(C_MALFORMED, len);
+		return;
+	}
+	struct flow_key key = {};
+	key.family = 4;
+	/* packet source/destination; parse_l4 flips them when the source is the server */
+	__builtin_memcpy(key.client_addr, &ip->saddr, 4);
+	__builtin_memcpy(key.server_addr, &ip->daddr, 4);
+	int first_frag = (ip->frag_off & bpf_htons(0x1FFF)) == 0;
+	parse_l4(cur + hlen, data_end, ip->protocol, first_frag, &key, len);
+}
+
+static __always_inline void parse_ipv6(void *cur, void *data_end, __u64 len)
+{
+	struct ipv6hdr *ip6 = cur;
+	if ((void *)(ip6 + 1) > data_end) {
+		count(C_MALFORMED, len);
+		return;
+	}
+	__u8 nexthdr = ip6->nexthdr;
+	void *l4 = ip6 + 1;
+	int first_frag = 1;
+
+#pragma unroll
+	for (int i = 0; i < MAX_IPV6_EXT_HDRS; i++) {
+		if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+		    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH) {
+			struct ipv6_ext *ext = l4;
+			if ((void *)(ext + 1) > data_end) {
+				count(C_MALFORMED, len);
+				return;
+			}
+			nexthdr = ext->nexthdr;
+			if (nexthdr == IPPROTO_AH)
+				l4 += (ext->hdrlen + 2) * 4;
+			else
+				l4 += (ext->hdrlen + 1) * 8;
+		} else if (nexthdr == IPPROTO_FRAGMENT) {
+			struct ipv6_frag *fh = l4;
+			if ((void *)(fh + 1) > data_end) {
+				count(C_MALFORMED, len);
+				return;
+			}
+			nexthdr = fh->nexthdr;
+			if (fh->frag_off & bpf_htons(0xFFF8))
+				first_frag = 0;
+			l4 = fh + 1;
+		} else {
+			break;
+		}
+	}
+
+	struct flow_key key = {};
+	key.family = 6;
+	__builtin_memcpy(key.client_addr, &ip6->saddr, 16);
+	__builtin_memcpy(key.server_addr, &ip6->daddr, 16);
+	parse_l4(l4, data_end, nexthdr, first_frag, &key, len);
+}
+
+int xdpwatch(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+
+	count(C_TOTAL, len);
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end) {
+		count(C_MALFORMED, len);
+		return XDP_PASS;
+	}
+	__u16 proto = bpf_ntohs(eth->h_proto);
+	void *cur = eth + 1;
+	int tagged = 0;
+
+#pragma unroll
+	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+		if (proto != ETH_P_8021Q_ && proto != ETH_P_8021AD_)
+			break;
+		struct vlan_tag *tag = cur;
+		if ((void *)(tag + 1) > data_end) {
+			count(C_MALFORMED, len);
+			return XDP_PASS;
+		}
+		proto = bpf_ntohs(tag->encap_proto);
+		cur = tag + 1;
+		tagged = 1;
+	}
+	if (tagged)
+		count(C_VLAN, len);
+
+	if (proto == ETH_P_IP) {
+		count(C_IPV4, len);
+		parse_ipv4(cur, data_end, len);
+	} else if (proto == ETH_P_IPV6) {
+		count(C_IPV6, len);
+		parse_ipv6(cur, data_end, len);
+	} else if (proto == ETH_P_ARP) {
+		count(C_ARP, len);
+	} else {
+		/* Includes VLAN stacks deeper than MAX_VLAN_TAGS. */
+		count(C_L3_OTHER, len);
+	}
+	return XDP_PASS;
+}

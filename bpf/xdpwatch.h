@@ -1,0 +1,73 @@
+/* Shapes shared by the XDP program and user space (mirrored in producer/records.py with
+ * ctypes; tests/unit/test_records.py checks sizes and offsets against this file via the
+ * compiled program's BTF-free layout: keep fields largest-first with explicit padding). */
+#ifndef XDPWATCH_H
+#define XDPWATCH_H
+
+/* Index into the per-CPU `counters` array. Keep in sync with producer/records.py. */
+enum counter_id {
+	C_TOTAL = 0,
+	C_IPV4,
+	C_IPV6,
+	C_ARP,
+	C_L3_OTHER,
+	C_TCP,
+	C_UDP,
+	C_ICMP,            /* ICMP and ICMPv6 */
+	C_L4_OTHER,
+	C_SSH,             /* TCP with source or destination port in ssh_ports */
+	C_MALFORMED,       /* a header was truncated or invalid; the packet was still passed */
+	C_VLAN,            /* carried at least one VLAN tag */
+	C_FLOWS_STARTED,   /* SSH flow entries created (packets field only) */
+	C_RINGBUF_DROPS,   /* flow events lost because the ring buffer was full (packets field only) */
+	C_EVENTS_SUBMITTED,/* flow events written to the ring buffer (packets field only) */
+	NR_COUNTERS,
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* 5-tuple of a connection, normalised so both directions share one entry: the server is
+ * the side on an SSH port, the client the other. IPv4 uses the first 4 bytes of addrs. */
+struct flow_key {
+	__u8 client_addr[16];
+	__u8 server_addr[16];
+	__u16 client_port;    /* host byte order */
+	__u16 server_port;    /* host byte order */
+	__u8 family;          /* 4 or 6 */
+	__u8 proto;           /* IPPROTO_TCP */
+	__u8 _pad[2];
+};
+
+struct flow_value {
+	__u64 first_ns;       /* bpf_ktime_get_ns() of the first packet */
+	__u64 last_ns;        /* ... of the latest packet */
+	__u64 fin_ns;         /* first FIN seen, 0 if none */
+	__u64 rst_ns;         /* first RST seen, 0 if none: the flow has ended */
+	__u64 packets;
+	__u64 bytes;          /* full frame length, Ethernet header included */
+	__u32 tcp_flags;      /* OR of the TCP flags byte of every packet */
+	__u8 midstream;       /* 1 if the first packet seen had no SYN: joined mid-connection */
+	__u8 directions;      /* DIR_* bits: which directions were seen on this ingress */
+	__u8 _pad[2];
+};
+
+#define DIR_TO_SERVER 1
+#define DIR_TO_CLIENT 2
+
+enum flow_event_type {
+	EV_FLOW_START = 1,
+	EV_FLOW_END_RST = 2,
+};
+
+/* One ring-buffer record. */
+struct flow_event {
+	struct flow_value val;
+	struct flow_key key;
+	__u32 type;           /* enum flow_event_type */
+	__u32 _pad;
+};
+
+#endif

@@ -1,0 +1,160 @@
+"""Shape kernel records into the JSON documents of schemas/ (ECS field names).
+
+Pure functions of their inputs plus a Clock, so they are unit-tested without a kernel.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from .flows import FlowReport
+from .records import DIR_TO_CLIENT, DIR_TO_SERVER, CounterId, FlowKey, tcp_flag_names
+
+# Counter ids that are packet classes, with their JSON names.
+CLASSES = {
+    "total": CounterId.TOTAL,
+    "ipv4": CounterId.IPV4,
+    "ipv6": CounterId.IPV6,
+    "arp": CounterId.ARP,
+    "l3_other": CounterId.L3_OTHER,
+    "tcp": CounterId.TCP,
+    "udp": CounterId.UDP,
+    "icmp": CounterId.ICMP,
+    "l4_other": CounterId.L4_OTHER,
+    "ssh": CounterId.SSH,
+    "malformed": CounterId.MALFORMED,
+    "vlan": CounterId.VLAN,
+}
+
+# Which directions the ingress saw: to the server only (a local or downstream server),
+# from the server only (a local client), or both (loopback, a mirror port).
+DIRECTIONS = {DIR_TO_SERVER: "inbound", DIR_TO_CLIENT: "outbound", DIR_TO_SERVER | DIR_TO_CLIENT: "internal"}
+
+EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_update": ["connection", "info"],
+               "flow_end": ["connection", "end"]}
+
+
+class Clock:
+    """Turns the kernel's CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) into wall time."""
+
+    def __init__(self) -> None:
+        self.resync()
+
+    def resync(self) -> None:
+        """Re-read the offset; call now and then so NTP steps are followed."""
+        self._offset = time.time_ns() - time.monotonic_ns()
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def wall_ns(self, mono_ns: int) -> int:
+        return mono_ns + self._offset
+
+
+def iso(wall_ns: int) -> str:
+    """ISO 8601 UTC with microseconds, e.g. 2026-11-24T10:00:00.123456Z."""
+    secs, ns = divmod(wall_ns, 10**9)
+    return dt.datetime.fromtimestamp(secs, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ns // 1000:06d}Z"
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip().replace("-", "")[:12]
+    except OSError:
+        return "noboot"
+
+
+def community_id(key: FlowKey, seed: int = 0) -> str:
+    """Community ID v1 (https://github.com/corelight/community-id-spec) of a TCP/UDP flow."""
+    n = 4 if key.family == 4 else 16
+    src, dst = bytes(key.client_addr[:n]), bytes(key.server_addr[:n])
+    sport, dport = key.client_port, key.server_port
+    if (src, sport) > (dst, dport):
+        src, dst, sport, dport = dst, src, dport, sport
+    data = struct.pack("!H", seed) + src + dst + struct.pack("!BBHH", key.proto, 0, sport, dport)
+    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode()
+
+
+@dataclass
+class EventShaper:
+    """Builds the documents; owns the event id sequence of this producer run."""
+
+    interface: str
+    clock: Clock = field(default_factory=Clock)
+    hostname: str = field(default_factory=socket.gethostname)
+
+    def __post_init__(self) -> None:
+        self._id_prefix = f"{self.hostname}-{boot_id()}-{time.time_ns():x}"
+        self._seq = 0
+        self._observer = {"hostname": self.hostname, "ingress": {"interface": {"name": self.interface}}}
+
+    def _next_id(self) -> str:
+        self._seq += 1
+        return f"{self._id_prefix}-{self._seq}"
+
+    def packet_counts(self, start_wall_ns: int, end_wall_ns: int, delta: list[tuple[int, int]],
+                      evicted: int, active: int, final: bool = False) -> dict:
+        """One interval's document from per-counter (packets, bytes) deltas."""
+        interval = {"start": iso(start_wall_ns), "end": iso(end_wall_ns),
+                    "duration_ms": round((end_wall_ns - start_wall_ns) / 1e6, 3)}
+        if final:
+            interval["final"] = True
+        return {
+            "@timestamp": interval["end"],
+            "event": {"id": self._next_id(), "kind": "metric", "module": "xdpwatch",
+                      "dataset": "xdpwatch.packet_counts"},
+            "interval": interval,
+            "observer": self._observer,
+            "packets": {name: delta[cid][0] for name, cid in CLASSES.items()},
+            "bytes": {name: delta[cid][1] for name, cid in CLASSES.items()},
+            "drops": {"ringbuf": delta[CounterId.RINGBUF_DROPS][0]},
+            "flows": {"started": delta[CounterId.FLOWS_STARTED][0], "evicted": evicted, "active": active},
+        }
+
+    def flow(self, r: FlowReport) -> tuple[bytes, dict]:
+        """(Kafka key = client IP, document) for one flow report."""
+        k, v = r.key, r.val
+        client = {"ip": k.client_ip, "port": k.client_port}
+        server = {"ip": k.server_ip, "port": k.server_port}
+        start, end = self.clock.wall_ns(v.first_ns), self.clock.wall_ns(v.last_ns)
+        event = {
+            "id": self._next_id(), "kind": "event", "module": "xdpwatch", "dataset": "xdpwatch.ssh_flows",
+            "category": ["network"], "type": EVENT_TYPES[r.action], "action": r.action,
+            "start": iso(start), "end": iso(end), "duration": v.last_ns - v.first_ns,
+        }
+        if r.reason is not None:
+            event["reason"] = r.reason
+        doc = {
+            "@timestamp": event["start"] if r.action == "flow_start" else event["end"],
+            "event": event,
+            "flow": {"id": f"{self._id_prefix}-f{v.first_ns:x}-{community_id(k)[2:10]}",
+                     "midstream": bool(v.midstream)},
+            "source": client,
+            "destination": server,
+            "network": {"transport": "tcp", "type": "ipv4" if k.family == 4 else "ipv6",
+                        "packets": v.packets, "bytes": v.bytes,
+                        "direction": DIRECTIONS[v.directions],
+                        "community_id": community_id(k)},
+            "tcp": {"flags": tcp_flag_names(v.tcp_flags)},
+            "observer": self._observer,
+        }
+        return client["ip"].encode(), doc
+
+
+class CounterDeltas:
+    """Turns cumulative per-counter totals into per-interval deltas."""
+
+    def __init__(self, initial: list[tuple[int, int]]):
+        self._last = initial
+
+    def delta(self, current: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        d = [(cp - lp, cb - lb) for (cp, cb), (lp, lb) in zip(current, self._last)]
+        self._last = current
+        return d

@@ -1,0 +1,165 @@
+"""SSH flow lifecycle in user space.
+
+The kernel creates flow entries (and reports each start through the ring buffer), updates
+them, and reports an RST at once. It never deletes: this tracker does, so an entry that
+vanishes without us deleting it was evicted by the LRU table, and we can count it exactly.
+
+Every `sweep()` reads the whole table and decides per flow:
+  RST seen                     -> flow_end(rst) if the kernel's event was lost, then delete
+  FIN seen, linger passed      -> flow_end(fin) with the final counts (atomic read+delete)
+  no packet for idle timeout   -> flow_end(idle)
+  active timeout since report  -> flow_update
+A flow we knew that is gone from the table ends as flow_end(evicted) with the last counts
+read. A table entry we never heard of (its start event was dropped) is reported as started.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from .records import EventType, FlowEvent, FlowKey, FlowValue
+
+
+class FlowTable(Protocol):
+    def flow_entries(self) -> Iterable[tuple[FlowKey, FlowValue]]: ...
+    def pop_flow(self, key: FlowKey) -> FlowValue | None: ...
+    def delete_flow(self, key: FlowKey) -> None: ...
+
+
+@dataclass(frozen=True)
+class FlowTimeouts:
+    idle_ns: int = 60 * 10**9
+    active_ns: int = 300 * 10**9
+    fin_linger_ns: int = 2 * 10**9
+
+
+@dataclass
+class FlowReport:
+    """One thing to tell the world about a flow."""
+
+    action: str  # flow_start | flow_update | flow_end
+    reason: str | None  # on flow_end: fin | rst | idle | shutdown | evicted
+    key: FlowKey
+    val: FlowValue
+
+
+@dataclass
+class _Tracked:
+    key: FlowKey
+    val: FlowValue
+    generation: int  # sweep generation in which we learned of it
+    last_report_ns: int
+    ended: bool = False
+
+
+def _copy(v: ct.Structure):
+    return type(v).from_buffer_copy(v)
+
+
+@dataclass
+class FlowTracker:
+    table: FlowTable
+    report: Callable[[FlowReport], None]
+    timeouts: FlowTimeouts = field(default_factory=FlowTimeouts)
+    drain: Callable[[], None] = lambda: None  # hands queued ring-buffer events to on_event
+
+    def __post_init__(self) -> None:
+        self._flows: dict[bytes, _Tracked] = {}
+        self._generation = 0
+        self.evicted = 0  # cumulative
+
+    @property
+    def active(self) -> int:
+        return sum(1 for t in self._flows.values() if not t.ended)
+
+    # ---- events from the kernel ----
+    def on_event(self, ev: FlowEvent) -> None:
+        kb = bytes(ev.key)
+        t = self._flows.get(kb)
+        if ev.type == EventType.FLOW_START:
+            if t is not None and t.val.first_ns == ev.val.first_ns:
+                return  # already adopted by a sweep
+            self._start(kb, ev.key, ev.val, ev.val.first_ns)
+        elif ev.type == EventType.FLOW_END_RST:
+            if t is None or t.val.first_ns != ev.val.first_ns:
+                # Its start event was lost: still report the start before the end.
+                t = self._start(kb, ev.key, ev.val, ev.val.first_ns)
+            if not t.ended:
+                t.val = _copy(ev.val)
+                self._end(t, "rst", t.val)
+
+    def _start(self, kb: bytes, key: FlowKey, val: FlowValue, now_ns: int) -> _Tracked:
+        old = self._flows.get(kb)
+        if old is not None and not old.ended:
+            # The kernel replaced the entry (table full, or the 5-tuple reused) before we
+            # saw the old flow end.
+            self._evict(old)
+        t = _Tracked(_copy(key), _copy(val), self._generation, now_ns)
+        self._flows[kb] = t
+        self.report(FlowReport("flow_start", None, t.key, _copy(val)))
+        return t
+
+    def _end(self, t: _Tracked, reason: str, val: FlowValue) -> None:
+        t.ended = True
+        self.report(FlowReport("flow_end", reason, t.key, _copy(val)))
+
+    def _evict(self, t: _Tracked) -> None:
+        self.evicted += 1
+        self._end(t, "evicted", t.val)
+
+    # ---- periodic reconciliation with the kernel table ----
+    def sweep(self, now_ns: int) -> None:
+        self.drain()
+        self._generation += 1
+        entries = list(self.table.flow_entries())
+        # Events queued while we read belong to the new generation: a flow that started
+        # after our read is not missing from it.
+        self.drain()
+        present = set()
+        to = self.timeouts
+        for key, val in entries:
+            kb = bytes(key)
+            t = self._flows.get(kb)
+            if t is not None and val.first_ns < t.val.first_ns:
+                present.add(kb)  # we read an older instance than the one we know
+                continue
+            if t is None or val.first_ns > t.val.first_ns:
+                t = self._start(kb, key, val, now_ns)  # its start event was dropped
+            present.add(kb)
+            if not t.ended:
+                t.val = val
+            if val.rst_ns:
+                if not t.ended:
+                    self._end(t, "rst", val)  # the kernel's RST event was dropped
+                self.table.delete_flow(key)
+                del self._flows[kb]
+            elif val.fin_ns and now_ns - val.fin_ns >= to.fin_linger_ns:
+                self._finish(kb, t, "fin")
+            elif now_ns - val.last_ns >= to.idle_ns:
+                self._finish(kb, t, "idle")
+            elif now_ns - t.last_report_ns >= to.active_ns:
+                t.last_report_ns = now_ns
+                self.report(FlowReport("flow_update", None, t.key, _copy(val)))
+        for kb, t in list(self._flows.items()):
+            if kb not in present and t.generation < self._generation:
+                if not t.ended:
+                    self._evict(t)
+                del self._flows[kb]
+
+    def _finish(self, kb: bytes, t: _Tracked, reason: str) -> None:
+        final = self.table.pop_flow(t.key)
+        if final is None or final.first_ns != t.val.first_ns:
+            final = t.val  # evicted or replaced between read and delete: last counts read
+        self._end(t, reason, final)
+        del self._flows[kb]
+
+    def shutdown(self, now_ns: int) -> None:
+        """End every open flow (reason shutdown). Call after detaching the program, so the
+        counts read here are final."""
+        self.sweep(now_ns)
+        for t in self._flows.values():
+            if not t.ended:
+                self._end(t, "shutdown", t.val)
+        self._flows.clear()

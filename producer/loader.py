@@ -1,0 +1,244 @@
+"""Compile, load and attach the XDP program; expose its maps.
+
+The C source lives in bpf/. Settings reach it as -D cflags (defaults in bpf/config.h).
+Attachment is a BPF link: the kernel detaches it when our process exits, however it
+exits, so a crash never leaves a program behind. A program attached the old (netlink) way
+is left alone unless it is a stale xdpwatch program, which is replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import libbpf
+from .errors import AttachError, BpfError, ConfigError, InterfaceError, PrivilegeError
+from .records import NR_COUNTERS, FlowEvent, FlowKey, FlowValue, decode_event
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+if not (BPF_DIR / "xdpwatch.bpf.c").exists():  # installed layout: xdpwatch/bpf next to producer
+    from .. import bpf as _bpf_pkg
+
+    BPF_DIR = Path(_bpf_pkg.__file__).resolve().parent
+SOURCE = BPF_DIR / "xdpwatch.bpf.c"
+PROG_NAME = "xdpwatch"  # the kernel's name for our program: how a stale one is recognised
+
+XDP_MODES = {
+    "native": [libbpf.XDP_FLAGS_DRV_MODE],
+    "generic": [libbpf.XDP_FLAGS_SKB_MODE],
+    "auto": [libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE],
+}
+MODE_NAMES = {libbpf.XDP_FLAGS_DRV_MODE: "native", libbpf.XDP_FLAGS_SKB_MODE: "generic"}
+
+PERMISSION_HINT = "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+
+
+@dataclass(frozen=True)
+class BpfConfig:
+    ssh_ports: tuple[int, ...] = (22,)
+    flow_table_size: int = 65536
+    ringbuf_pages: int = 64
+
+    def validate(self) -> None:
+        if not self.ssh_ports:
+            raise ConfigError("at least one --ssh-port is needed")
+        for p in self.ssh_ports:
+            if not 1 <= p <= 65535:
+                raise ConfigError(f"--ssh-port {p} is not a TCP port (1-65535)")
+        if not 16 <= self.flow_table_size <= 1 << 24:
+            raise ConfigError("--flow-table-size must be between 16 and 16777216")
+        n = self.ringbuf_pages
+        if n < 1 or n & (n - 1):
+            raise ConfigError(f"--ringbuf-pages must be a power of two, got {n}")
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{BPF_DIR}",
+            f"-DFLOW_TABLE_SIZE={self.flow_table_size}",
+            f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+        ]
+
+
+def render_source(cfg: BpfConfig) -> str:
+    """The program as it is compiled: cflags, then the source with our headers inlined."""
+    def inline(path: Path) -> str:
+        out = []
+        for line in path.read_text().splitlines():
+            s = line.strip()
+            if s.startswith('#include "'):
+                out.append(f"/* ---- {s[10:-1]} ---- */\n" + inline(BPF_DIR / s[10:-1]))
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return f"/* cflags: {' '.join(cfg.cflags())} */\n" + inline(SOURCE) + "\n"
+
+
+class XdpProgram:
+    """The compiled and loaded program with its maps. Not yet attached anywhere."""
+
+    def __init__(self, cfg: BpfConfig):
+        cfg.validate()
+        self.cfg = cfg
+        try:
+            from bcc import BPF  # imported late: the Debian package may be missing
+        except ImportError as e:
+            raise BpfError(f"the bcc Python module is not importable ({e}); run `make setup` "
+                           "and use the .venv it creates") from None
+        self._BPF = BPF
+        try:
+            self.bpf = BPF(src_file=str(SOURCE), cflags=cfg.cflags())
+            self.fd = self.bpf.load_func(PROG_NAME, BPF.XDP).fd
+        except Exception as e:  # bcc raises bare Exception for every failure
+            msg = str(e)
+            if "Operation not permitted" in msg or "Permission denied" in msg:
+                raise PrivilegeError(f"not allowed to load BPF programs: {PERMISSION_HINT}") from None
+            if "kernel headers" in msg or "Failed to compile" in msg:
+                raise BpfError(f"compiling the XDP program failed ({msg.strip()}); "
+                               "run `make setup` to install bcc and kernel headers") from None
+            raise BpfError(f"loading the XDP program failed: {msg.strip()}") from None
+        self._counters = self.bpf["counters"]
+        self._flows_fd = self.bpf["flows"].map_fd
+        ports = self.bpf["ssh_ports"]
+        for p in cfg.ssh_ports:
+            ports[ports.Key(p)] = ports.Leaf(1)
+        self._callback_error: BaseException | None = None
+
+    # ---- counters ----
+    def read_counters(self) -> list[tuple[int, int]]:
+        """Cumulative (packets, bytes) per counter id, summed over CPUs."""
+        out = []
+        for i in range(NR_COUNTERS):
+            per_cpu = self._counters.getvalue(self._counters.Key(i))
+            out.append((sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)))
+        return out
+
+    # ---- flow table ----
+    def flow_entries(self) -> Iterator[tuple[FlowKey, FlowValue]]:
+        return libbpf.map_lookup_batch(self._flows_fd, FlowKey, FlowValue)
+
+    def pop_flow(self, key: FlowKey) -> FlowValue | None:
+        val = FlowValue()
+        return val if libbpf.map_lookup_and_delete(self._flows_fd, key, val) else None
+
+    def delete_flow(self, key: FlowKey) -> None:
+        libbpf.map_delete(self._flows_fd, key)
+
+    # ---- ring buffer ----
+    def open_events(self, handler: Callable[[FlowEvent], None]) -> None:
+        """Deliver each ring-buffer record to `handler` during poll_events()."""
+
+        def on_record(_ctx, data, size):
+            try:
+                handler(decode_event(data, size))
+                return 0
+            except BaseException as e:  # ctypes would swallow it: keep it for poll_events
+                self._callback_error = e
+                return -1
+
+        self.bpf["events"].open_ring_buffer(on_record)
+
+    def poll_events(self, timeout_ms: int) -> None:
+        """Wait up to `timeout_ms` for records and hand them all to the handler (0: no wait)."""
+        if timeout_ms == 0:
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.ring_buffer_poll(timeout_ms)
+        if self._callback_error is not None:
+            err, self._callback_error = self._callback_error, None
+            raise err
+
+    # ---- tests and benchmarks ----
+    def test_run(self, packet: bytes, repeat: int = 1) -> tuple[int, int]:
+        return libbpf.prog_test_run(self.fd, packet, repeat)
+
+    # ---- attach ----
+    def attach(self, iface: str, mode: str = "auto") -> "Attachment":
+        return Attachment(self, iface, mode)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def ifindex_of(iface: str) -> int:
+    try:
+        return socket.if_nametoindex(iface)
+    except OSError:
+        raise InterfaceError(f"interface {iface!r} does not exist; list interfaces with `ip link`") from None
+
+
+class Attachment:
+    """Our program attached to one interface through a BPF link. Close to detach."""
+
+    def __init__(self, prog: XdpProgram, iface: str, mode: str):
+        if mode not in XDP_MODES:
+            raise ConfigError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
+        self.iface = iface
+        self.ifindex = ifindex_of(iface)
+        _clear_stale(self.ifindex, iface)
+        errors = []
+        for flags in XDP_MODES[mode]:
+            try:
+                self.link_fd = libbpf.xdp_link_create(prog.fd, self.ifindex, flags)
+                self.mode = MODE_NAMES[flags]
+                break
+            except OSError as e:
+                if e.errno == errno.EPERM:
+                    raise PrivilegeError(f"not allowed to attach XDP to {iface}: {PERMISSION_HINT}") from None
+                if e.errno == errno.EBUSY:
+                    raise AttachError(_occupied_message(self.ifindex, iface)) from None
+                errors.append(f"{MODE_NAMES[flags]}: {e.strerror}")
+        else:
+            hint = " (try --xdp-mode generic)" if mode == "native" else ""
+            raise AttachError(f"cannot attach XDP to {iface}: {'; '.join(errors)}{hint}")
+        log.info("attached XDP program to %s (ifindex %d) in %s mode", iface, self.ifindex, self.mode)
+
+    def detach(self) -> None:
+        if self.link_fd >= 0:
+            os.close(self.link_fd)
+            self.link_fd = -1
+            log.info("detached XDP program from %s", self.iface)
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def _occupied_message(ifindex: int, iface: str) -> str:
+    q = libbpf.xdp_query(ifindex)
+    name = libbpf.prog_name(q.prog_id) if q.prog_id else "?"
+    if name == PROG_NAME:
+        return (f"another xdpwatch producer is running on {iface} (program id {q.prog_id}); "
+                "stop it first, one producer per interface")
+    return (f"{iface} already has XDP program {name!r} (id {q.prog_id}) attached; xdpwatch never "
+            "replaces a program it does not own: detach it or choose another interface")
+
+
+def _clear_stale(ifindex: int, iface: str) -> None:
+    """Remove an xdpwatch program attached by netlink (it outlived the process that attached
+    it). A link-attached one belongs to a live producer: the kernel refuses to detach it."""
+    q = libbpf.xdp_query(ifindex)
+    if not q.prog_id:
+        return
+    name = libbpf.prog_name(q.prog_id)
+    if name != PROG_NAME:
+        raise AttachError(_occupied_message(ifindex, iface))
+    mode_flags = {libbpf.XDP_ATTACHED_DRV: libbpf.XDP_FLAGS_DRV_MODE,
+                  libbpf.XDP_ATTACHED_SKB: libbpf.XDP_FLAGS_SKB_MODE}.get(q.attach_mode, 0)
+    try:
+        libbpf.xdp_detach(ifindex, mode_flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise AttachError(_occupied_message(ifindex, iface)) from None
+        raise AttachError(f"cannot remove stale xdpwatch program {q.prog_id} from {iface}: {e.strerror}") from None
+    log.warning("removed stale xdpwatch program id %d from %s (left by an earlier run)", q.prog_id, iface)

@@ -1,0 +1,115 @@
+"""ctypes mirror of bpf/xdpwatch.h: the counter indices and the structs the kernel writes.
+
+tests/unit/test_records.py compiles the C header with the system compiler and checks that
+every size and offset here matches it.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import enum
+import socket
+
+
+class CounterId(enum.IntEnum):
+    """Index into the per-CPU `counters` array (enum counter_id)."""
+
+    TOTAL = 0
+    IPV4 = 1
+    IPV6 = 2
+    ARP = 3
+    L3_OTHER = 4
+    TCP = 5
+    UDP = 6
+    ICMP = 7
+    L4_OTHER = 8
+    SSH = 9
+    MALFORMED = 10
+    VLAN = 11
+    FLOWS_STARTED = 12
+    RINGBUF_DROPS = 13
+    EVENTS_SUBMITTED = 14
+
+
+NR_COUNTERS = len(CounterId)
+
+
+class Counter(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class FlowKey(ct.Structure):
+    _fields_ = [
+        ("client_addr", ct.c_uint8 * 16),
+        ("server_addr", ct.c_uint8 * 16),
+        ("client_port", ct.c_uint16),
+        ("server_port", ct.c_uint16),
+        ("family", ct.c_uint8),
+        ("proto", ct.c_uint8),
+        ("_pad", ct.c_uint8 * 2),
+    ]
+
+    def _addr(self, raw) -> str:
+        if self.family == 4:
+            return socket.inet_ntop(socket.AF_INET, bytes(raw[:4]))
+        return socket.inet_ntop(socket.AF_INET6, bytes(raw))
+
+    @property
+    def client_ip(self) -> str:
+        return self._addr(self.client_addr)
+
+    @property
+    def server_ip(self) -> str:
+        return self._addr(self.server_addr)
+
+
+class FlowValue(ct.Structure):
+    _fields_ = [
+        ("first_ns", ct.c_uint64),
+        ("last_ns", ct.c_uint64),
+        ("fin_ns", ct.c_uint64),
+        ("rst_ns", ct.c_uint64),
+        ("packets", ct.c_uint64),
+        ("bytes", ct.c_uint64),
+        ("tcp_flags", ct.c_uint32),
+        ("midstream", ct.c_uint8),
+        ("directions", ct.c_uint8),
+        ("_pad", ct.c_uint8 * 2),
+    ]
+
+
+DIR_TO_SERVER = 1
+DIR_TO_CLIENT = 2
+
+
+class EventType(enum.IntEnum):
+    FLOW_START = 1
+    FLOW_END_RST = 2
+
+
+class FlowEvent(ct.Structure):
+    _fields_ = [
+        ("val", FlowValue),
+        ("key", FlowKey),
+        ("type", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
+
+
+def tcp_flag_names(flags: int) -> list[str]:
+    """The TCP flags set in `flags` (the header's flags byte), in header bit order."""
+    return [name for bit, name in enumerate(TCP_FLAG_NAMES) if flags & (1 << bit)]
+
+
+def decode_event(data: int | bytes, size: int | None = None) -> FlowEvent:
+    """Copy one ring-buffer record (a pointer from bcc's callback, or bytes) into a FlowEvent."""
+    if isinstance(data, (bytes, bytearray)):
+        raw = bytes(data)
+    else:
+        raw = ct.string_at(data, size if size is not None else ct.sizeof(FlowEvent))
+    if len(raw) < ct.sizeof(FlowEvent):
+        raise ValueError(f"ring-buffer record of {len(raw)} bytes, expected {ct.sizeof(FlowEvent)}")
+    return FlowEvent.from_buffer_copy(raw[: ct.sizeof(FlowEvent)])

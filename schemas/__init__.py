@@ -1,0 +1,71 @@
+"""The message contract: JSON Schemas (draft 2020-12) of every topic's messages.
+
+Producer and consumers share this package and nothing else. A stream name is also the
+suffix of its topic: `<topic-prefix>.<stream>`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+SCHEMA_DIR = Path(__file__).resolve().parent
+CONTENT_TYPE = "application/json"
+
+# stream name -> schema file
+STREAMS = {
+    "packet-counts": "packet-counts.v1.json",
+    "ssh-flows": "ssh-flow.v1.json",
+}
+
+
+class UnknownStream(KeyError):
+    pass
+
+
+def names() -> list[str]:
+    return list(STREAMS)
+
+
+def path(stream: str) -> Path:
+    try:
+        return SCHEMA_DIR / STREAMS[stream]
+    except KeyError:
+        raise UnknownStream(f"unknown stream {stream!r}; known: {', '.join(STREAMS)}") from None
+
+
+@functools.cache
+def load(stream: str) -> dict:
+    return json.loads(path(stream).read_text())
+
+
+def schema_id(stream: str) -> str:
+    return load(stream)["$id"]
+
+
+def topic(prefix: str, stream: str) -> str:
+    path(stream)  # validates the name
+    return f"{prefix}.{stream}"
+
+
+def headers(stream: str) -> list[tuple[str, bytes]]:
+    """Kafka headers every message of `stream` carries."""
+    return [("content-type", CONTENT_TYPE.encode()), ("schema-id", schema_id(stream).encode())]
+
+
+@functools.cache
+def validator(stream: str):
+    """A jsonschema validator for `stream`, with format checks (date-time, ipv4, ipv6)."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(load(stream))
+    return cls(load(stream), format_checker=cls.FORMAT_CHECKER)
+
+
+def errors(stream: str, doc) -> list[str]:
+    """Every way `doc` breaks the schema of `stream`, as 'path: message' lines ([] if valid)."""
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in sorted(validator(stream).iter_errors(doc), key=lambda e: list(map(str, e.path)))
+    ]

@@ -1,0 +1,3 @@
+"""xdpwatch: network security telemetry from XDP into Kafka."""
+
+__version__ = "0.1.0"

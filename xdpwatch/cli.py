@@ -1,0 +1,170 @@
+"""The `xdpwatch` command. Thin: parse options, build the pipeline, map errors to one
+line on stderr and an exit code (1 user/config error, 3 events not delivered)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import sys
+import threading
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__, schemas
+
+app = typer.Typer(
+    name="xdpwatch",
+    help="Network security telemetry from XDP into Kafka: packet counters and SSH flow events.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class XdpMode(str, enum.Enum):
+    auto = "auto"
+    native = "native"
+    generic = "generic"
+
+
+class Output(str, enum.Enum):
+    kafka = "kafka"
+    stdout = "stdout"
+
+
+class LogLevel(str, enum.Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _setup_logging(level: LogLevel) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.value.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"xdpwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+@app.command(epilog="Example: xdpwatch produce --iface eth0 --bootstrap-servers kafka:9092 "
+                    "-X security.protocol=SSL  (events go to xdpwatch.packet-counts and xdpwatch.ssh-flows)")
+def produce(
+    iface: Annotated[str, typer.Option("--iface", "-i", envvar="XDPWATCH_IFACE",
+                                       help="Interface to watch (its ingress traffic).")],
+    bootstrap_servers: Annotated[Optional[str], typer.Option(
+        envvar="XDPWATCH_BOOTSTRAP_SERVERS", help="Kafka brokers, host:port[,host:port]. Needed with --output kafka.")] = None,
+    interval: Annotated[float, typer.Option(envvar="XDPWATCH_INTERVAL", min=0.05,
+                                            help="Seconds per packet-counts record.")] = 1.0,
+    flow_idle_timeout: Annotated[float, typer.Option(envvar="XDPWATCH_FLOW_IDLE_TIMEOUT", min=0.1,
+                                                     help="End a flow (reason idle) after this many seconds without a packet.")] = 60.0,
+    flow_active_timeout: Annotated[float, typer.Option(envvar="XDPWATCH_FLOW_ACTIVE_TIMEOUT", min=0.1,
+                                                       help="Emit flow_update for a long flow every this many seconds.")] = 300.0,
+    flow_fin_linger: Annotated[float, typer.Option(envvar="XDPWATCH_FLOW_FIN_LINGER", min=0.0,
+                                                   help="Seconds to wait after a FIN before flow_end, so closing ACKs stay in the flow.")] = 2.0,
+    ssh_port: Annotated[list[int], typer.Option(envvar="XDPWATCH_SSH_PORTS", min=1, max=65535,
+                                                help="TCP port counted as SSH; repeat for several (env: space-separated).")] = [22],
+    topic_prefix: Annotated[str, typer.Option(envvar="XDPWATCH_TOPIC_PREFIX",
+                                              help="Topics are PREFIX.packet-counts and PREFIX.ssh-flows.")] = "xdpwatch",
+    topic_partitions: Annotated[int, typer.Option(envvar="XDPWATCH_TOPIC_PARTITIONS", min=1,
+                                                  help="Partitions for topics xdpwatch creates (existing topics are left as they are).")] = 3,
+    topic_replication: Annotated[int, typer.Option(envvar="XDPWATCH_TOPIC_REPLICATION", min=1,
+                                                   help="Replication factor for topics xdpwatch creates.")] = 1,
+    xdp_mode: Annotated[XdpMode, typer.Option(envvar="XDPWATCH_XDP_MODE",
+                                              help="native (driver), generic (any interface, slower), or auto: native if the driver supports it.")] = XdpMode.auto,
+    kafka_option: Annotated[list[str], typer.Option("-X", "--kafka-option", metavar="KEY=VALUE",
+                                                    help="librdkafka setting, as with kcat; repeat (e.g. -X security.protocol=SASL_SSL -X sasl.mechanisms=PLAIN).")] = [],
+    output: Annotated[Output, typer.Option(envvar="XDPWATCH_OUTPUT",
+                                           help="kafka, or stdout: JSON lines for a quick look.")] = Output.kafka,
+    flow_table_size: Annotated[int, typer.Option(envvar="XDPWATCH_FLOW_TABLE_SIZE",
+                                                 help="Most SSH flows tracked at once; beyond it the least recent is evicted (and counted).")] = 65536,
+    ringbuf_pages: Annotated[int, typer.Option(envvar="XDPWATCH_RINGBUF_PAGES",
+                                               help="Ring buffer size in pages (power of two); a full buffer drops events (counted).")] = 64,
+    log_level: Annotated[LogLevel, typer.Option(envvar="XDPWATCH_LOG_LEVEL", help="Logging on stderr.")] = LogLevel.info,
+    dump_bpf: Annotated[bool, typer.Option(hidden=True, help="Print the BPF source as compiled and exit.")] = False,
+) -> None:
+    """Attach the XDP program to an interface and stream packet counts and SSH flows to Kafka.
+
+    Stops on SIGINT or SIGTERM: emits the last partial interval, ends open flows
+    (reason shutdown), flushes Kafka, detaches XDP. Exit code 0 when every event was
+    delivered, 3 when some were not, 1 on a configuration error.
+    """
+    from .producer.errors import ConfigError, DeliveryError
+    from .producer.exporter import KafkaExporter, StdoutExporter, parse_kafka_options
+    from .producer.flows import FlowTimeouts
+    from .producer.loader import BpfConfig, render_source
+    from .producer.pipeline import ProduceConfig, run
+
+    _setup_logging(log_level)
+    bpf_cfg = BpfConfig(tuple(sorted(set(ssh_port))), flow_table_size, ringbuf_pages)
+    bpf_cfg.validate()
+    if dump_bpf:
+        typer.echo(render_source(bpf_cfg), nl=False)
+        return
+    cfg = ProduceConfig(
+        iface=iface, interval_s=interval, xdp_mode=xdp_mode.value, bpf=bpf_cfg,
+        timeouts=FlowTimeouts(idle_ns=int(flow_idle_timeout * 1e9), active_ns=int(flow_active_timeout * 1e9),
+                              fin_linger_ns=int(flow_fin_linger * 1e9)),
+        sweep_s=min(1.0, interval),
+    )
+    from .producer.loader import ifindex_of
+    ifindex_of(iface)  # fail on a bad interface before touching Kafka
+
+    if output is Output.kafka:
+        if not bootstrap_servers:
+            raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
+        exporter = KafkaExporter(bootstrap_servers, topic_prefix, parse_kafka_options(kafka_option))
+        exporter.ensure_topics(topic_partitions, topic_replication)
+    else:
+        exporter = StdoutExporter()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    summary = run(cfg, exporter, stop)
+    d = summary.delivery
+    logging.getLogger("xdpwatch").info(
+        "stopped: %d packets, %d SSH flows (%d evicted), %d ring-buffer drops; events produced %d, "
+        "delivered %d, failed %d, undelivered %d",
+        summary.packets, summary.flows_started, summary.flows_evicted, summary.ringbuf_drops,
+        d.produced, d.delivered, d.failed, d.pending)
+    if d.failed or d.pending:
+        raise DeliveryError(f"{d.failed + d.pending} of {d.produced} events were not delivered to Kafka "
+                            "(see the errors above)")
+
+
+@app.command("schemas")
+def schemas_cmd(
+    stream: Annotated[Optional[str], typer.Argument(help="Print this stream's schema (JSON); omit to list them.")] = None,
+) -> None:
+    """List the message schemas (the contract of every topic), or print one."""
+    if stream is None:
+        for name in schemas.names():
+            typer.echo(f"{name:<15} {schemas.schema_id(name):<40} {schemas.path(name)}")
+        return
+    try:
+        typer.echo(schemas.path(stream).read_text(), nl=False)
+    except schemas.UnknownStream as e:
+        raise typer.BadParameter(str(e.args[0]), param_hint="STREAM") from None
+
+
+def main() -> None:
+    from .producer.errors import XdpwatchError
+
+    try:
+        app()
+    except XdpwatchError as e:
+        print(f"xdpwatch: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
