@@ -1,0 +1,29 @@
+# xdpwatch — everything a fresh machine needs is installed by `make setup` (idempotent).
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: setup test test-unit test-kernel test-e2e demo clean help
+
+help:
+	@echo "make setup      install Debian packages, kernel header links, .venv, test broker (idempotent)"
+	@echo "make test       setup, then every test (unit, kernel, end to end)"
+	@echo "make test-unit  pure-Python tests only (fast, no root)"
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PYTEST) -q -ra tests
+
+test-unit: setup
+	$(PYTEST) -q tests/unit
+
+test-kernel: setup
+	$(PYTEST) -q tests/kernel
+
+test-e2e: setup
+	$(PYTEST) -q tests/e2e
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

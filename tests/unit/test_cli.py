@@ -1,0 +1,84 @@
+"""CLI option handling and errors: one clear line, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from xdpwatch import schemas
+from xdpwatch.producer.errors import ConfigError
+from xdpwatch.producer.exporter import parse_kafka_options
+from xdpwatch.producer.loader import BpfConfig, render_source
+
+XDPWATCH = [sys.executable, "-m", "xdpwatch"]
+
+
+def run(*args, env=None):
+    return subprocess.run([*XDPWATCH, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_kafka_options_parse_like_kcat():
+    assert parse_kafka_options(["security.protocol=SSL", "sasl.password=a=b"]) == {
+        "security.protocol": "SSL", "sasl.password": "a=b"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_kafka_options(["nonsense"])
+
+
+@pytest.mark.parametrize("cfg,msg", [
+    (BpfConfig(ssh_ports=()), "at least one"),
+    (BpfConfig(ringbuf_pages=3), "power of two"),
+    (BpfConfig(flow_table_size=1), "between"),
+])
+def test_bpf_config_validation(cfg, msg):
+    with pytest.raises(ConfigError, match=msg):
+        cfg.validate()
+
+
+def test_dump_source_inlines_headers_and_shows_settings():
+    src = render_source(BpfConfig(flow_table_size=1024, ringbuf_pages=8))
+    assert "-DFLOW_TABLE_SIZE=1024" in src and "-DRINGBUF_PAGES=8" in src
+    assert "struct flow_event {" in src and '#include "' not in src
+
+
+def test_unknown_interface_is_one_line_and_exit_1():
+    r = run("produce", "--iface", "does-not-exist0", "--bootstrap-servers", "127.0.0.1:1")
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("xdpwatch: error: interface 'does-not-exist0' does not exist; "
+                                "list interfaces with `ip link`")
+
+
+def test_bad_flag_values_are_usage_errors():
+    r = run("produce", "--iface", "lo", "--interval", "0")
+    assert r.returncode == 2 and "Invalid value for '--interval'" in r.stderr and "Traceback" not in r.stderr
+    r = run("produce", "--iface", "lo", "--xdp-mode", "turbo")
+    assert r.returncode == 2 and "turbo" in r.stderr
+    r = run("produce", "--iface", "lo", "--bootstrap-servers", "127.0.0.1:1", "-X", "oops")
+    assert r.returncode == 1 and "-X expects key=value" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_bootstrap_servers_is_explained():
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("XDPWATCH_")}
+    r = run("produce", "--iface", "lo", env=env)
+    assert r.returncode == 1 and "--bootstrap-servers" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreachable_broker_fails_fast_with_a_clear_line():
+    # Nothing listens on port 1 of loopback.
+    r = run("produce", "--iface", "lo", "--bootstrap-servers", "127.0.0.1:1", "-X", "socket.connection.setup.timeout.ms=1000")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("xdpwatch: error: cannot reach Kafka at 127.0.0.1:1") and "Traceback" not in r.stderr
+
+
+def test_schemas_command_lists_and_prints():
+    r = run("schemas")
+    assert r.returncode == 0
+    for name in schemas.names():
+        assert name in r.stdout and schemas.schema_id(name) in r.stdout
+    r = run("schemas", "ssh-flows")
+    assert json.loads(r.stdout)["$id"] == schemas.schema_id("ssh-flows")
+    r = run("schemas", "nope")
+    assert r.returncode == 2 and "unknown stream" in r.stderr

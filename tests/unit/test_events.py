@@ -1,0 +1,106 @@
+"""Event shaping: every document the producer makes is valid against schemas/."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from xdpwatch import schemas
+from xdpwatch.producer.events import CLASSES, Clock, CounterDeltas, EventShaper, community_id, iso
+from xdpwatch.producer.flows import FlowReport
+from xdpwatch.producer.records import NR_COUNTERS, CounterId, FlowKey, FlowValue, tcp_flag_names
+
+
+class FixedClock(Clock):
+    def resync(self):
+        self._offset = 1_700_000_000 * 10**9
+
+
+def ipv4_key(client, cport, server, sport=22) -> FlowKey:
+    k = FlowKey(family=4, proto=6, client_port=cport, server_port=sport)
+    k.client_addr[:4] = list(map(int, client.split(".")))
+    k.server_addr[:4] = list(map(int, server.split(".")))
+    return k
+
+
+def test_community_id_matches_the_spec_test_vector():
+    # From the Community ID spec's baseline: TCP 128.232.110.120:34855 -> 66.35.250.204:80
+    k = ipv4_key("128.232.110.120", 34855, "66.35.250.204", 80)
+    assert community_id(k) == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+
+
+def test_iso_is_utc_with_microseconds():
+    assert iso(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456Z"
+
+
+def test_deltas_sum_to_the_cumulative_total():
+    d = CounterDeltas([(0, 0)] * 2)
+    seq = [[(5, 500), (1, 10)], [(5, 500), (3, 30)], [(12, 1200), (3, 30)]]
+    deltas = [d.delta(c) for c in seq]
+    assert deltas == [[(5, 500), (1, 10)], [(0, 0), (2, 20)], [(7, 700), (0, 0)]]
+    assert [sum(x[i][0] for x in deltas) for i in range(2)] == [12, 3]
+
+
+@pytest.fixture
+def shaper():
+    return EventShaper("eth0", FixedClock(), hostname="gw1")
+
+
+def test_packet_counts_document(shaper):
+    delta = [(i + 1, (i + 1) * 100) for i in range(NR_COUNTERS)]
+    doc = shaper.packet_counts(10**18, 10**18 + 10**9, delta, evicted=2, active=5, final=True)
+    assert schemas.errors("packet-counts", doc) == []
+    assert doc["packets"]["ssh"] == CounterId.SSH + 1 and doc["bytes"]["total"] == 100
+    assert doc["drops"] == {"ringbuf": CounterId.RINGBUF_DROPS + 1}
+    assert doc["flows"] == {"started": CounterId.FLOWS_STARTED + 1, "evicted": 2, "active": 5}
+    assert doc["interval"]["duration_ms"] == 1000.0 and doc["interval"]["final"] is True
+    assert set(doc["packets"]) == set(CLASSES)
+
+
+@pytest.mark.parametrize("action,reason", [("flow_start", None), ("flow_update", None),
+                                           ("flow_end", "fin"), ("flow_end", "rst"), ("flow_end", "idle"),
+                                           ("flow_end", "shutdown"), ("flow_end", "evicted")])
+def test_flow_documents_are_valid(shaper, action, reason):
+    v = FlowValue(first_ns=5 * 10**9, last_ns=7 * 10**9, packets=12, bytes=3456, tcp_flags=0x1B,
+                  directions=1, midstream=0)
+    key, doc = shaper.flow(FlowReport(action, reason, ipv4_key("192.0.2.7", 51000, "192.0.2.1"), v))
+    assert schemas.errors("ssh-flows", doc) == []
+    assert key == b"192.0.2.7"
+    assert doc["source"] == {"ip": "192.0.2.7", "port": 51000}
+    assert doc["destination"] == {"ip": "192.0.2.1", "port": 22}
+    assert doc["network"]["packets"] == 12 and doc["network"]["bytes"] == 3456
+    assert doc["network"]["direction"] == "inbound"
+    assert doc["tcp"]["flags"] == ["FIN", "SYN", "PSH", "ACK"]
+    assert doc["event"]["duration"] == 2 * 10**9
+    assert doc["event"]["start"] == "2023-11-14T22:13:25.000000Z"
+    assert ("reason" in doc["event"]) == (action == "flow_end")
+
+
+def test_ipv6_flow_and_ids(shaper):
+    k = FlowKey(family=6, proto=6, client_port=40000, server_port=22)
+    k.client_addr[:] = list(bytes.fromhex("20010db8000000000000000000000007"))
+    k.server_addr[:] = list(bytes.fromhex("20010db8000000000000000000000001"))
+    v = FlowValue(first_ns=1, last_ns=1, packets=1, bytes=74, tcp_flags=0x02, directions=3)
+    ids = set()
+    for _ in range(3):
+        key, doc = shaper.flow(FlowReport("flow_start", None, k, v))
+        ids.add(doc["event"]["id"])
+    assert key == b"2001:db8::7" and doc["network"]["type"] == "ipv6"
+    assert doc["network"]["direction"] == "internal"
+    assert schemas.errors("ssh-flows", doc) == []
+    assert len(ids) == 3 and all(re.fullmatch(r"gw1-\w+-[0-9a-f]+-\d+", i) for i in ids)
+
+
+def test_schema_rejects_what_consumers_could_not_use(shaper):
+    v = FlowValue(first_ns=1, last_ns=1, packets=1, bytes=74, tcp_flags=0x02, directions=1)
+    _, doc = shaper.flow(FlowReport("flow_update", None, ipv4_key("192.0.2.7", 1, "192.0.2.1"), v))
+    doc["event"]["reason"] = "fin"  # only flow_end has a reason
+    doc["source"]["ip"] = "not-an-ip"
+    errs = schemas.errors("ssh-flows", doc)
+    assert any(e.startswith("event") for e in errs) and any(e.startswith("source/ip") for e in errs)
+
+
+def test_tcp_flag_names_in_header_order():
+    assert tcp_flag_names(0xFF) == ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"]
+    assert tcp_flag_names(0) == []
