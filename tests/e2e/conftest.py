@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import pytest
+
+from .env import Broker, Sshd, TestNet
+
+
+@pytest.fixture
+def broker_factory():
+    brokers: list[Broker] = []
+
+    def make(**kw) -> Broker:
+        brokers.append(Broker(**kw))
+        return brokers[-1]
+
+    yield make
+    for b in brokers:
+        b.stop()
+
+
+@pytest.fixture
+def testnet():
+    net = TestNet()
+    yield net
+    net.cleanup()
+
+
+@pytest.fixture
+def sshd(testnet):
+    s = Sshd(testnet)
+    yield s
+    s.stop()

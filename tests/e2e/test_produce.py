@@ -1,0 +1,201 @@
+"""End to end: `xdpwatch produce` on a veth in namespaces the test creates, the real XDP
+program, a real Kafka-protocol broker validating every record against schemas/, exact
+crafted traffic and a real sshd session."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import orjson
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+
+from xdpwatch import schemas
+from xdpwatch.producer import libbpf
+from xdpwatch.producer.loader import ifindex_of
+
+from .env import consume_all
+from .producer_proc import ProducerProc
+
+pytestmark = pytest.mark.e2e
+
+PREFIX = "xdpwatch"
+COUNTS, FLOWS = f"{PREFIX}.packet-counts", f"{PREFIX}.ssh-flows"
+NOBODY_MAC = "02:00:00:00:00:99"  # owned by no interface: frames are seen by XDP, answered by nobody
+
+
+@pytest.fixture
+def broker(broker_factory):
+    return broker_factory(value_schemas={COUNTS: schemas.load("packet-counts"),
+                                         FLOWS: schemas.load("ssh-flows")})
+
+
+def documents(broker, topic, **kw):
+    """Every message of `topic`: checked headers, decoded and schema-checked documents."""
+    stream = topic.split(".", 1)[1]
+    docs = []
+    for m in consume_all(broker.bootstrap, topic, **kw):
+        headers = dict(m.headers)
+        assert headers["content-type"] == b"application/json"
+        assert headers["schema-id"] == schemas.schema_id(stream).encode()
+        doc = orjson.loads(m.value)
+        assert schemas.errors(stream, doc) == []
+        docs.append((m.key, doc))
+    return docs
+
+
+class Traffic:
+    """Crafted frames with the classes each must land in, to compute exact expectations."""
+
+    def __init__(self, net):
+        self.net = net
+        self.frames: list[bytes] = []
+        self.expected = collections.Counter()
+
+    def eth(self):
+        return Ether(src=self.net.cli_mac, dst=NOBODY_MAC)
+
+    def add(self, pkt, *classes: str, times: int = 1) -> None:
+        raw = bytes(pkt)
+        for _ in range(times):
+            self.frames.append(raw)
+            for c in ("total", *classes):
+                self.expected[("packets", c)] += 1
+                self.expected[("bytes", c)] += len(raw)
+
+    def send(self) -> None:
+        self.net.send_frames(self.frames)
+        self.frames = []
+
+
+def flow_events(docs):
+    by_flow = collections.defaultdict(list)
+    for key, d in docs:
+        by_flow[(d["source"]["ip"], d["source"]["port"])].append((key, d))
+    return by_flow
+
+
+@pytest.mark.parametrize("mode", ["native", "generic"])
+def test_exact_counts_and_flows_from_crafted_traffic(testnet, broker, mode):
+    net = testnet
+    cli, srv = net.cli_ip, net.srv_ip
+    t = Traffic(net)
+    e = t.eth
+    # Background traffic of every class.
+    for size in (0, 100, 1000):
+        t.add(e() / IP(src=cli, dst=srv) / UDP(sport=5353, dport=9999) / (b"u" * size), "ipv4", "udp", times=10)
+    t.add(e() / IP(src=cli, dst=srv) / ICMP() / b"ping", "ipv4", "icmp", times=7)
+    t.add(e() / ARP(op=1, hwsrc=net.cli_mac, psrc=cli, pdst="198.18.255.254"), "arp", times=2)
+    t.add(e() / Dot1Q(vlan=7) / IP(src=cli, dst=srv) / UDP(dport=53), "vlan", "ipv4", "udp", times=3)
+    t.add(e() / IP(src=cli, dst=srv) / TCP(sport=33000, dport=80, flags="S"), "ipv4", "tcp", times=4)
+    t.add(e() / IP(src=cli, dst=srv, proto=47) / b"gre-ish", "ipv4", "l4_other", times=2)
+    t.add(bytes(e() / IP(src=cli, dst=srv, proto=6))[:14 + 20 + 10], "ipv4", "tcp", "malformed", times=2)
+
+    def ssh(sport, flags, payload=b"", ip=IP, src=cli, dst=srv):
+        t.add(e() / ip(src=src, dst=dst) / TCP(sport=sport, dport=22, flags=flags) / payload,
+              "ipv4" if ip is IP else "ipv6", "tcp", "ssh")
+        return len(t.frames[-1])
+
+    flows = {}
+    # A: ended by FIN (then the closing ACK, inside the linger)
+    flows[41001] = sum(ssh(41001, f, p) for f, p in [("S", b""), ("A", b""), ("PA", b"x" * 40), ("PA", b"y" * 500),
+                                                       ("FA", b""), ("A", b"")])
+    # B: ended by RST
+    flows[41002] = sum(ssh(41002, f) for f in ["S", "A", "PA", "R"])
+    # C: goes idle
+    flows[41003] = sum(ssh(41003, f) for f in ["S", "A"])
+    # D: joined mid-connection (no SYN seen), goes idle
+    flows[41004] = sum(ssh(41004, f, b"z" * 64) for f in ["PA", "PA", "A"])
+    # E: IPv6, ended by RST
+    flows[41005] = sum(ssh(41005, f, ip=IPv6, src="2001:db8::2", dst="2001:db8::1") for f in ["S", "A", "R"])
+
+    args = ["--iface", net.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.5",
+            "--flow-idle-timeout", "3", "--flow-active-timeout", "600", "--flow-fin-linger", "1",
+            "--xdp-mode", mode, "--topic-partitions", "2"]
+    with ProducerProc(*args) as producer:
+        producer.wait_attached()
+        assert producer.stderr.count(f"in {mode} mode") == 1
+        t.send()
+        time.sleep(5)  # idle timeout 3 s + sweeps
+        rc = producer.stop()
+    assert rc == 0, producer.stderr
+    assert "failed 0, undelivered 0" in producer.stderr
+    # Detached: nothing left on the interface.
+    assert libbpf.xdp_query(ifindex_of(net.iface)).prog_id == 0
+
+    counts = [d for _, d in documents(broker, COUNTS, min_messages=2)]
+    got = collections.Counter()
+    for d in counts:
+        for kind in ("packets", "bytes"):
+            for cls, n in d[kind].items():
+                got[(kind, cls)] += n
+    assert +got == +t.expected
+    assert counts[-1]["interval"].get("final") is True and sum(1 for d in counts if d["interval"].get("final")) == 1
+    assert sum(d["flows"]["started"] for d in counts) == 5
+    assert sum(d["drops"]["ringbuf"] for d in counts) == 0
+    assert sum(d["flows"]["evicted"] for d in counts) == 0
+    assert len(counts) >= 8  # 0.5 s intervals over ~5 s: deltas, not one cumulative record
+
+    docs = documents(broker, FLOWS, min_messages=10)
+    assert len({d["event"]["id"] for _, d in docs}) == len(docs) == 10
+    ev = flow_events(docs)
+    expect = {41001: ("fin", 6, False), 41002: ("rst", 4, False), 41003: ("idle", 2, False),
+              41004: ("idle", 3, True), 41005: ("rst", 3, False)}
+    for port, (reason, packets, midstream) in expect.items():
+        client = "2001:db8::2" if port == 41005 else cli
+        events = ev[(client, port)]
+        assert [d["event"]["action"] for _, d in events] == ["flow_start", "flow_end"], port
+        (k1, start), (k2, end) = events
+        assert k1 == k2 == client.encode()
+        assert end["event"]["reason"] == reason
+        assert end["network"]["packets"] == packets and end["network"]["bytes"] == flows[port]
+        assert start["network"]["packets"] == 1
+        assert start["flow"]["id"] == end["flow"]["id"]
+        assert end["flow"]["midstream"] is midstream
+        assert end["destination"] == {"ip": "2001:db8::1" if port == 41005 else srv, "port": 22}
+        assert end["network"]["direction"] == "inbound"
+        assert end["network"]["type"] == ("ipv6" if port == 41005 else "ipv4")
+
+
+def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
+    net = testnet
+    args = ["--iface", net.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.5",
+            "--flow-idle-timeout", "30", "--flow-active-timeout", "1", "--flow-fin-linger", "1"]
+    with ProducerProc(*args) as producer:
+        producer.wait_attached()
+        native = "in native mode" in producer.stderr
+        before = net.link_stats(net.iface)
+        out = net.exec(net.cli_ns, sshd.client_cmd("sleep 2.5; echo done"), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+        time.sleep(3)  # FIN linger 1 s + sweep
+        after = net.link_stats(net.iface)
+        rc = producer.stop()
+    assert rc == 0, producer.stderr
+
+    rx_packets = after["rx_packets"] - before["rx_packets"]
+    # With a native XDP program attached, veth's rx_bytes leaves out the Ethernet header.
+    rx_bytes = after["rx_bytes"] - before["rx_bytes"] + (14 * rx_packets if native else 0)
+
+    docs = documents(broker, FLOWS, min_messages=3)
+    actions = [d["event"]["action"] for _, d in docs]
+    assert actions[0] == "flow_start" and actions[-1] == "flow_end" and actions.count("flow_end") == 1
+    assert actions.count("flow_update") >= 1  # the session lasted > 2 s with a 1 s active timeout
+    assert len({d["flow"]["id"] for _, d in docs}) == 1
+    end = docs[-1][1]
+    assert end["event"]["reason"] == "fin"
+    assert end["source"]["ip"] == net.cli_ip and end["destination"] == {"ip": net.srv_ip, "port": 22}
+    assert end["flow"]["midstream"] is False and end["network"]["direction"] == "inbound"
+    assert {"SYN", "ACK", "FIN", "PSH"} <= set(end["tcp"]["flags"])
+    # Exact: the session is the only traffic on this ingress (static ARP, no IPv6).
+    assert end["network"]["packets"] == rx_packets > 10
+    assert end["network"]["bytes"] == rx_bytes
+    updates = [d["network"]["packets"] for _, d in docs if d["event"]["action"] == "flow_update"]
+    assert updates == sorted(updates) and updates[-1] <= end["network"]["packets"]
+
+    counts = [d for _, d in documents(broker, COUNTS, min_messages=2)]
+    assert sum(d["packets"]["ssh"] for d in counts) == rx_packets
+    assert sum(d["packets"]["total"] for d in counts) == rx_packets
+    assert sum(d["flows"]["started"] for d in counts) == 1
