@@ -40,6 +40,24 @@ MODE_NAMES = {libbpf.XDP_FLAGS_DRV_MODE: "native", libbpf.XDP_FLAGS_SKB_MODE: "g
 
 PERMISSION_HINT = "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
 
+# Capabilities the producer needs: load BPF (CAP_BPF, or CAP_SYS_ADMIN before 5.8), read
+# maps bcc creates with pointers (CAP_PERFMON), attach XDP (CAP_NET_ADMIN).
+_CAP_BITS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+def missing_capabilities(status_path: str = "/proc/self/status") -> list[str]:
+    """The needed capabilities this process lacks (CAP_SYS_ADMIN stands in for BPF+PERFMON)."""
+    try:
+        with open(status_path) as f:
+            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return []  # cannot tell: let the kernel decide
+    has = {name for name, bit in _CAP_BITS.items() if eff >> bit & 1}
+    missing = [] if "CAP_NET_ADMIN" in has else ["CAP_NET_ADMIN"]
+    if "CAP_SYS_ADMIN" not in has:
+        missing += [c for c in ("CAP_BPF", "CAP_PERFMON") if c not in has]
+    return missing
+
 
 @dataclass(frozen=True)
 class BpfConfig:
@@ -88,6 +106,10 @@ class XdpProgram:
     def __init__(self, cfg: BpfConfig):
         cfg.validate()
         self.cfg = cfg
+        missing = missing_capabilities()
+        if missing:
+            raise PrivilegeError(f"not allowed to load and attach XDP programs: missing {', '.join(missing)}; "
+                                 f"{PERMISSION_HINT}")
         try:
             from bcc import BPF  # imported late: the Debian package may be missing
         except ImportError as e:

@@ -82,3 +82,18 @@ def test_schemas_command_lists_and_prints():
     assert json.loads(r.stdout)["$id"] == schemas.schema_id("ssh-flows")
     r = run("schemas", "nope")
     assert r.returncode == 2 and "unknown stream" in r.stderr
+
+
+@pytest.mark.parametrize("capeff,missing", [
+    ("000001ffffffffff", []),                                   # root
+    ("000000c000001000", []),                                   # CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN
+    ("0000000000201000", []),                                   # CAP_SYS_ADMIN + CAP_NET_ADMIN
+    ("0000008000000000", ["CAP_NET_ADMIN", "CAP_PERFMON"]),     # CAP_BPF only
+    ("0000000000000000", ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]),
+])
+def test_missing_capabilities(tmp_path, capeff, missing):
+    from xdpwatch.producer.loader import missing_capabilities
+
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tx\nCapEff:\t{capeff}\n")
+    assert missing_capabilities(str(status)) == missing

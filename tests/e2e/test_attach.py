@@ -1,0 +1,90 @@
+"""Attachment safety through the CLI: never touch a foreign XDP program, replace a stale
+one of ours, detach on exit, refuse without privileges."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from xdpwatch.producer import libbpf
+from xdpwatch.producer.loader import ifindex_of
+
+from .producer_proc import XDPWATCH, ProducerProc
+
+pytestmark = pytest.mark.e2e
+
+# Attach a program with bcc's netlink attach_xdp, then exit: the program stays attached,
+# as one left behind by a crashed process would.
+NETLINK_ATTACH = textwrap.dedent("""
+    import sys
+    from bcc import BPF
+    name, iface = sys.argv[1], sys.argv[2]
+    b = BPF(text="int %s(struct xdp_md *ctx) { return XDP_PASS; }" % name)
+    b.attach_xdp(iface, b.load_func(name, BPF.XDP), BPF.XDP_FLAGS_SKB_MODE)
+""")
+
+
+def attach_by_netlink(prog_name: str, iface: str) -> int:
+    subprocess.run([sys.executable, "-c", NETLINK_ATTACH, prog_name, iface], check=True, capture_output=True)
+    q = libbpf.xdp_query(ifindex_of(iface))
+    assert q.prog_id and libbpf.prog_name(q.prog_id) == prog_name
+    return q.prog_id
+
+
+def produce_args(net) -> list[str]:
+    return ["--iface", net.iface, "--output", "stdout", "--interval", "0.5"]
+
+
+def test_foreign_program_is_never_replaced(testnet):
+    prog_id = attach_by_netlink("foreign_fw", testnet.iface)
+    r = subprocess.run([XDPWATCH, "produce", *produce_args(testnet)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"xdpwatch: error: {testnet.iface} already has XDP program 'foreign_fw' (id {prog_id}) attached; "
+        "xdpwatch never replaces a program it does not own: detach it or choose another interface")
+    assert libbpf.xdp_query(ifindex_of(testnet.iface)).prog_id == prog_id  # untouched
+
+
+def test_stale_program_of_ours_is_replaced_and_all_is_gone_after_stop(testnet):
+    stale = attach_by_netlink("xdpwatch", testnet.iface)
+    with ProducerProc(*produce_args(testnet)) as p:
+        p.wait_attached()
+        assert f"removed stale xdpwatch program id {stale}" in p.stderr
+        live = libbpf.xdp_query(ifindex_of(testnet.iface)).prog_id
+        assert live and live != stale
+        assert p.stop() == 0
+    assert libbpf.xdp_query(ifindex_of(testnet.iface)).prog_id == 0
+
+
+def test_second_producer_on_the_same_interface_is_refused(testnet):
+    with ProducerProc(*produce_args(testnet)) as first:
+        first.wait_attached()
+        r = subprocess.run([XDPWATCH, "produce", *produce_args(testnet)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        assert "another xdpwatch producer is running on" in r.stderr and "Traceback" not in r.stderr
+        assert first.stop() == 0
+
+
+def test_sigkill_leaves_nothing_attached(testnet):
+    with ProducerProc(*produce_args(testnet)) as p:
+        p.wait_attached()
+        assert libbpf.xdp_query(ifindex_of(testnet.iface)).prog_id
+        p.proc.kill()
+        p.proc.wait()
+    # The BPF link dies with the process; the kernel detaches it asynchronously.
+    from .env import wait_for
+    wait_for(lambda: libbpf.xdp_query(ifindex_of(testnet.iface)).prog_id == 0, 5, "the link to be released")
+
+
+def test_without_privileges_the_error_names_what_is_missing():
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                        XDPWATCH, "produce", "--iface", "lo", "--output", "stdout"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": "/tmp"})
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("xdpwatch: error: not allowed to") and "CAP_BPF" in last, r.stderr
+    assert "Traceback" not in r.stderr
