@@ -118,7 +118,7 @@ class XdpProgram:
         self._BPF = BPF
         try:
             self.bpf = BPF(src_file=str(SOURCE), cflags=cfg.cflags())
-            self.fd = self.bpf.load_func(PROG_NAME, BPF.XDP).fd
+            self.fd = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP).fd
         except Exception as e:  # bcc raises bare Exception for every failure
             msg = str(e)
             if "Operation not permitted" in msg or "Permission denied" in msg:
@@ -127,9 +127,9 @@ class XdpProgram:
                 raise BpfError(f"compiling the XDP program failed ({msg.strip()}); "
                                "run `make setup` to install bcc and kernel headers") from None
             raise BpfError(f"loading the XDP program failed: {msg.strip()}") from None
-        self._counters = self.bpf["counters"]
-        self._flows_fd = self.bpf["flows"].map_fd
-        ports = self.bpf["ssh_ports"]
+        self._counters = self.bpf[b"counters"]
+        self._flows_fd = self.bpf[b"flows"].map_fd
+        ports = self.bpf[b"ssh_ports"]
         for p in cfg.ssh_ports:
             ports[ports.Key(p)] = ports.Leaf(1)
         self._callback_error: BaseException | None = None
@@ -166,7 +166,7 @@ class XdpProgram:
                 self._callback_error = e
                 return -1
 
-        self.bpf["events"].open_ring_buffer(on_record)
+        self.bpf[b"events"].open_ring_buffer(on_record)
 
     def poll_events(self, timeout_ms: int) -> None:
         """Wait up to `timeout_ms` for records and hand them all to the handler (0: no wait)."""
