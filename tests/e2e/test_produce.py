@@ -133,6 +133,8 @@ def test_exact_counts_and_flows_from_crafted_traffic(testnet, broker, mode):
             for cls, n in d[kind].items():
                 got[(kind, cls)] += n
     assert +got == +t.expected
+    print(f"\n[{mode}] {got[('packets', 'total')]} frames / {got[('bytes', 'total')]} bytes counted of "
+          f"{t.expected[('packets', 'total')]} / {t.expected[('bytes', 'total')]} sent, in {len(counts)} intervals")
     assert counts[-1]["interval"].get("final") is True and sum(1 for d in counts if d["interval"].get("final")) == 1
     assert sum(d["flows"]["started"] for d in counts) == 5
     assert sum(d["drops"]["ringbuf"] for d in counts) == 0
@@ -190,6 +192,8 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     assert end["flow"]["midstream"] is False and end["network"]["direction"] == "inbound"
     assert {"SYN", "ACK", "FIN", "PSH"} <= set(end["tcp"]["flags"])
     # Exact: the session is the only traffic on this ingress (static ARP, no IPv6).
+    print(f"\n[ssh] flow {end['network']['packets']} packets / {end['network']['bytes']} bytes; "
+          f"veth rx {rx_packets} packets / {rx_bytes} bytes; {len(docs)} flow events")
     assert end["network"]["packets"] == rx_packets > 10
     assert end["network"]["bytes"] == rx_bytes
     updates = [d["network"]["packets"] for _, d in docs if d["event"]["action"] == "flow_update"]
