@@ -46,17 +46,6 @@ class Exporter(Protocol):
     def close(self, timeout: float) -> DeliveryStats: ...
 
 
-def parse_kafka_options(pairs: list[str]) -> dict[str, str]:
-    """`-X key=value` options (as kcat takes them) into a librdkafka config dict."""
-    conf = {}
-    for p in pairs:
-        k, sep, v = p.partition("=")
-        if not sep or not k.strip():
-            raise ConfigError(f"-X expects key=value (a librdkafka setting), got {p!r}")
-        conf[k.strip()] = v
-    return conf
-
-
 class KafkaExporter:
     def __init__(self, bootstrap: str, topic_prefix: str, extra: dict[str, str] | None = None,
                  client_id: str = "xdpwatch-producer"):

@@ -17,7 +17,14 @@ CONTENT_TYPE = "application/json"
 STREAMS = {
     "packet-counts": "packet-counts.v1.json",
     "ssh-flows": "ssh-flow.v1.json",
+    "alerts": "alert.v1.json",
 }
+
+
+def stream_of(topic: str) -> str | None:
+    """The stream a topic carries (`<prefix>.<stream>`), or None if it is not one of ours."""
+    suffix = topic.rsplit(".", 1)[-1]
+    return suffix if suffix in STREAMS else None
 
 
 class UnknownStream(KeyError):

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -45,6 +46,17 @@ class LogLevel(str, enum.Enum):
 def _setup_logging(level: LogLevel) -> None:
     logging.basicConfig(stream=sys.stderr, level=level.value.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def kafka_options(pairs: list[str]) -> dict[str, str]:
+    """`-X key=value` options (as kcat takes them) into a librdkafka config dict."""
+    conf = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k.strip():
+            raise typer.BadParameter(f"expects key=value (a librdkafka setting), got {p!r}", param_hint="'-X'")
+        conf[k.strip()] = v
+    return conf
 
 
 def _version(value: bool) -> None:
@@ -102,7 +114,7 @@ def produce(
     delivered, 3 when some were not, 1 on a configuration error.
     """
     from .producer.errors import ConfigError, DeliveryError
-    from .producer.exporter import KafkaExporter, StdoutExporter, parse_kafka_options
+    from .producer.exporter import KafkaExporter, StdoutExporter
     from .producer.flows import FlowTimeouts
     from .producer.loader import BpfConfig, render_source
     from .producer.pipeline import ProduceConfig, run
@@ -125,7 +137,7 @@ def produce(
     if output is Output.kafka:
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
-        exporter = KafkaExporter(bootstrap_servers, topic_prefix, parse_kafka_options(kafka_option))
+        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option))
         exporter.ensure_topics(topic_partitions, topic_replication)
     else:
         exporter = StdoutExporter()
@@ -145,6 +157,72 @@ def produce(
                             "(see the errors above)")
 
 
+def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level):
+    """What every consumer command shares: logging, Kafka config, dead-letter sink, stop event."""
+    from .consumers.base import FileDeadLetter, KafkaDeadLetter, consumer_conf
+    from .consumers.errors import ConsumerError
+
+    _setup_logging(log_level)
+    if not bootstrap_servers:
+        raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
+    extra = kafka_options(kafka_option)
+    conf = consumer_conf(bootstrap_servers, group_id, from_beginning, extra)
+    producer_conf = {"bootstrap.servers": bootstrap_servers, **extra}
+    if dead_letter == "kafka":
+        sink = KafkaDeadLetter(producer_conf, f"{topic_prefix}.dead-letter")
+    else:
+        sink = FileDeadLetter(dead_letter)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return conf, producer_conf, sink, stop
+
+
+BootstrapOpt = Annotated[Optional[str], typer.Option(envvar="XDPWATCH_BOOTSTRAP_SERVERS", help="Kafka brokers, host:port[,host:port] (required).")]
+FromBeginningOpt = Annotated[bool, typer.Option(help="With no committed offset, start at the oldest message (default: only new ones).")]
+KafkaOptionOpt = Annotated[list[str], typer.Option("-X", "--kafka-option", metavar="KEY=VALUE", help="librdkafka setting, as with kcat; repeat.")]
+DeadLetterOpt = Annotated[str, typer.Option(envvar="XDPWATCH_DEAD_LETTER", help="Where invalid messages go, with the reason and original bytes: 'kafka' (topic PREFIX.dead-letter) or a file path (JSON lines).")]
+PrefixOpt = Annotated[str, typer.Option(envvar="XDPWATCH_TOPIC_PREFIX", help="Topic prefix used by the producer.")]
+LogLevelOpt = Annotated[LogLevel, typer.Option(envvar="XDPWATCH_LOG_LEVEL", help="Logging on stderr.")]
+
+
+@app.command(epilog="Example: xdpwatch alert --bootstrap-servers kafka:9092 --rules rules.toml --output stdout")
+def alert(
+    bootstrap_servers: BootstrapOpt = None,
+    rules: Annotated[Optional[Path], typer.Option(envvar="XDPWATCH_RULES", help="TOML rules file (see --print-default-rules); default rules without it.")] = None,
+    output: Annotated[str, typer.Option(envvar="XDPWATCH_ALERT_OUTPUT", help="'kafka' (topic PREFIX.alerts), 'stdout' (JSON lines), or a file path (JSON lines, fsynced).")] = "kafka",
+    group_id: Annotated[str, typer.Option(envvar="XDPWATCH_GROUP_ID", help="Consumer group; run several with one id to share partitions.")] = "xdpwatch-alert",
+    from_beginning: FromBeginningOpt = False,
+    kafka_option: KafkaOptionOpt = [],
+    dead_letter: DeadLetterOpt = "kafka",
+    topic_prefix: PrefixOpt = "xdpwatch",
+    print_default_rules: Annotated[bool, typer.Option(help="Print the default rules file, documented, and exit.")] = False,
+    exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
+    log_level: LogLevelOpt = LogLevel.info,
+) -> None:
+    """Raise alerts from SSH flows and packet counts: SSH brute force, SSH scans,
+    traffic spikes, kernel drops. Event time, not wall-clock time: replaying archived
+    events gives the same alerts."""
+    from .consumers.alert import DEFAULT_RULES, AlertHandler, AlertSink, load_rules
+    from .consumers.base import run_loop
+    from .consumers.errors import ConsumerError
+
+    if print_default_rules:
+        typer.echo(DEFAULT_RULES, nl=False)
+        return
+    try:
+        rules_cfg = load_rules(rules.read_text(), str(rules)) if rules else load_rules("")
+    except OSError as e:
+        raise ConsumerError(f"cannot read rules file {rules}: {e.strerror}") from None
+    conf, producer_conf, dl, stop = _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option,
+                                                    dead_letter, topic_prefix, log_level)
+    sink = AlertSink(output, producer_conf, f"{topic_prefix}.alerts")
+    topics = [f"{topic_prefix}.ssh-flows", f"{topic_prefix}.packet-counts"]
+    stats = run_loop(conf, topics, AlertHandler(rules_cfg, sink), dl, stop, exit_when_idle)
+    logging.getLogger("xdpwatch").info("stopped: %d events handled, %d alerts, %d dead-lettered",
+                                       stats.handled, sink.count, stats.dead_lettered)
+
+
 @app.command("schemas")
 def schemas_cmd(
     stream: Annotated[Optional[str], typer.Argument(help="Print this stream's schema (JSON); omit to list them.")] = None,
@@ -161,10 +239,11 @@ def schemas_cmd(
 
 
 def main() -> None:
+    from .consumers.errors import ConsumerError
     from .producer.errors import XdpwatchError
 
     try:
         app()
-    except XdpwatchError as e:
+    except (XdpwatchError, ConsumerError) as e:
         print(f"xdpwatch: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
