@@ -8,6 +8,7 @@ Settings come from a TOML rules file (see DEFAULT_RULES and the README); every k
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import hashlib
 import math
@@ -47,17 +48,11 @@ cooldown = 60
 
 
 @dataclass(frozen=True)
-class BruteForceConfig:
+class WindowRule:
+    """At least `threshold` of something from one source within `window` seconds."""
+
     enabled: bool = True
     threshold: int = 10
-    window: float = 60.0
-    cooldown: float = 300.0
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    enabled: bool = True
-    threshold: int = 5
     window: float = 60.0
     cooldown: float = 300.0
 
@@ -80,8 +75,8 @@ class DropsConfig:
 
 @dataclass(frozen=True)
 class Rules:
-    ssh_bruteforce: BruteForceConfig = BruteForceConfig()
-    ssh_scan: ScanConfig = ScanConfig()
+    ssh_bruteforce: WindowRule = WindowRule(threshold=10)
+    ssh_scan: WindowRule = WindowRule(threshold=5)
     traffic_spike: SpikeConfig = SpikeConfig()
     kernel_drops: DropsConfig = DropsConfig()
 
@@ -95,15 +90,14 @@ def load_rules(text: str, origin: str = "rules file") -> Rules:
     out = {}
     for f in fields(Rules):
         section = data.pop(f.name, {})
-        cls = f.default.__class__
-        known = {x.name: x.type for x in fields(cls)}
+        known = {x.name: x.type for x in fields(f.default)}
         for k, v in section.items():
             if k not in known:
                 raise ConsumerError(f"{origin}: [{f.name}] has no setting {k!r} (known: {', '.join(known)})")
             want = {"bool": bool, "int": int, "float": (int, float)}[known[k]]
             if not isinstance(v, want) or (known[k] != "bool" and (isinstance(v, bool) or v < 0)):
                 raise ConsumerError(f"{origin}: [{f.name}] {k} must be a non-negative {known[k]}, got {v!r}")
-        out[f.name] = cls(**section)
+        out[f.name] = dataclasses.replace(f.default, **section)
     if data:
         raise ConsumerError(f"{origin}: unknown section(s) {', '.join(data)} (known: {', '.join(x.name for x in fields(Rules))})")
     return Rules(**out)
