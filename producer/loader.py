@@ -8,7 +8,6 @@ is left alone unless it is a stale xdpwatch program, which is replaced.
 
 from __future__ import annotations
 
-import ctypes as ct
 import errno
 import logging
 import os

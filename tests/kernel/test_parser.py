@@ -10,7 +10,6 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
                                 IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
-from scapy.packet import Raw
 
 from xdpwatch.producer.records import DIR_TO_CLIENT, DIR_TO_SERVER, EventType
 
