@@ -164,7 +164,10 @@ static __always_inline void parse_l4(void *l4, void *data_end, __u8 proto, int f
 			return;
 		count(C_SSH, len);
 		key->proto = IPPROTO_TCP;
-		if (ssh_src && !ssh_dst) { /* server -> client: flip into the client -> server key */
+		/* Both ports SSH ports (e.g. 2222 <-> 22): the lower port is the server, so both
+		 * directions of the connection land on one key. */
+		int to_client = ssh_src && (!ssh_dst || sport < dport);
+		if (to_client) { /* server -> client: flip into the client -> server key */
 			__u8 tmp[16];
 			__builtin_memcpy(tmp, key->client_addr, 16);
 			__builtin_memcpy(key->client_addr, key->server_addr, 16);
@@ -229,11 +232,16 @@ static __always_inline void parse_ipv6(void *cur, void *data_end, __u64 len)
 				count(C_MALFORMED, len);
 				return;
 			}
+			/* AH counts its length in 4-byte units minus 2 (RFC 4302), the others in
+			 * 8-byte units minus 1 (RFC 8200): decided by this header's own type. */
+			__u32 hlen = nexthdr == IPPROTO_AH ? (ext->hdrlen + 2) * 4
+							   : (ext->hdrlen + 1) * 8;
 			nexthdr = ext->nexthdr;
-			if (nexthdr == IPPROTO_AH)
-				l4 += (ext->hdrlen + 2) * 4;
-			else
-				l4 += (ext->hdrlen + 1) * 8;
+			if (l4 + hlen > data_end) { /* body truncated */
+				count(C_MALFORMED, len);
+				return;
+			}
+			l4 += hlen;
 		} else if (nexthdr == IPPROTO_FRAGMENT) {
 			struct ipv6_frag *fh = l4;
 			if ((void *)(fh + 1) > data_end) {
@@ -241,9 +249,12 @@ static __always_inline void parse_ipv6(void *cur, void *data_end, __u64 len)
 				return;
 			}
 			nexthdr = fh->nexthdr;
-			if (fh->frag_off & bpf_htons(0xFFF8))
-				first_frag = 0;
 			l4 = fh + 1;
+			/* A non-first fragment carries payload, not headers: stop here. */
+			if (fh->frag_off & bpf_htons(0xFFF8)) {
+				first_frag = 0;
+				break;
+			}
 		} else {
 			break;
 		}

@@ -116,7 +116,7 @@ class XdpProgram:
                            "and use the .venv it creates") from None
         self._BPF = BPF
         try:
-            self.bpf = BPF(src_file=str(SOURCE), cflags=cfg.cflags())
+            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cfg.cflags())
             self.fd = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP).fd
         except Exception as e:  # bcc raises bare Exception for every failure
             msg = str(e)
