@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Callable
 
+from .. import schemas
 from .errors import ConsumerError
 
 DEFAULT_RULES = """\
@@ -253,8 +254,6 @@ class AlertSink:
         if output == "kafka":
             from confluent_kafka import Producer
 
-            from .. import schemas
-
             self.topic, self._headers = topic, schemas.headers("alerts")
             self._producer = Producer({**kafka_conf, "enable.idempotence": True, "acks": "all"})
         elif output == "stdout":
@@ -275,7 +274,7 @@ class AlertSink:
         data = orjson.dumps(alert)
         if self._producer is not None:
             errors = []
-            self._producer.produce(self.topic, data, alert.get("source", {}).get("ip", "").encode() or None,
+            self._producer.produce(self.topic, data, schemas.key_of("alerts", alert),
                                    headers=self._headers, on_delivery=lambda err, _m: err and errors.append(err))
             if self._producer.flush(30) or errors:
                 raise ConsumerError(f"cannot deliver alert to {self.topic}: {errors or 'timeout'}")

@@ -118,8 +118,8 @@ class EventShaper:
             "flows": {"started": delta[CounterId.FLOWS_STARTED][0], "evicted": evicted, "active": active},
         }
 
-    def flow(self, r: FlowReport) -> tuple[bytes, dict]:
-        """(Kafka key = client IP, document) for one flow report."""
+    def flow(self, r: FlowReport) -> dict:
+        """The document for one flow report."""
         k, v = r.key, r.val
         client = {"ip": k.client_ip, "port": k.client_port}
         server = {"ip": k.server_ip, "port": k.server_port}
@@ -145,7 +145,7 @@ class EventShaper:
             "tcp": {"flags": tcp_flag_names(v.tcp_flags)},
             "observer": self._observer,
         }
-        return client["ip"].encode(), doc
+        return doc
 
 
 class CounterDeltas:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from .. import schemas
 from .events import Clock, CounterDeltas, EventShaper
 from .exporter import DeliveryStats, Exporter
 from .flows import FlowReport, FlowTimeouts, FlowTracker
@@ -62,11 +63,12 @@ class _Run:
         prog.open_events(self.tracker.on_event)
         self.summary = RunSummary()
         self._evicted_reported = 0
-        self._counts_key = f"{self.shaper.hostname}/{cfg.iface}".encode()
 
     def _export_flow(self, report: FlowReport) -> None:
-        key, doc = self.shaper.flow(report)
-        self.exporter.export("ssh-flows", key, orjson.dumps(doc))
+        self._export("ssh-flows", self.shaper.flow(report))
+
+    def _export(self, stream: str, doc: dict) -> None:
+        self.exporter.export(stream, schemas.key_of(stream, doc), orjson.dumps(doc))
 
     def _export_interval(self, now_ns: int, final: bool = False) -> None:
         current = self.prog.read_counters()
@@ -75,7 +77,7 @@ class _Run:
         self._evicted_reported = self.tracker.evicted
         doc = self.shaper.packet_counts(self.clock.wall_ns(self.interval_start), self.clock.wall_ns(now_ns),
                                         delta, evicted, self.tracker.active, final)
-        self.exporter.export("packet-counts", self._counts_key, orjson.dumps(doc))
+        self._export("packet-counts", doc)
         self.interval_start = now_ns
         self.clock.resync()
         s = self.summary

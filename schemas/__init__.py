@@ -70,6 +70,19 @@ def validator(stream: str):
     return cls(load(stream), format_checker=cls.FORMAT_CHECKER)
 
 
+def key_of(stream: str, doc: dict) -> bytes | None:
+    """The Kafka message key of a document: what keeps related events in one partition.
+
+    ssh-flows and alerts: the source (client) IP, so all state about one source lives in one
+    consumer of a group; packet-counts: `hostname/interface` of the observer.
+    """
+    if stream == "packet-counts":
+        obs = doc["observer"]
+        return f"{obs['hostname']}/{obs['ingress']['interface']['name']}".encode()
+    ip = doc.get("source", {}).get("ip")
+    return ip.encode() if ip else None
+
+
 def errors(stream: str, doc) -> list[str]:
     """Every way `doc` breaks the schema of `stream`, as 'path: message' lines ([] if valid)."""
     return [

@@ -36,7 +36,8 @@ def flow_starts(src: str, n: int, spacing_s: float) -> list[tuple[bytes, dict]]:
         k.server_addr[:4] = [192, 0, 2, 1]
         t = int(i * spacing_s * S)
         v = FlowValue(first_ns=t, last_ns=t, packets=1, bytes=74, tcp_flags=2, directions=1)
-        out.append(shaper.flow(FlowReport("flow_start", None, k, v)))
+        doc = shaper.flow(FlowReport("flow_start", None, k, v))
+        out.append((schemas.key_of("ssh-flows", doc), doc))
     return out
 
 

@@ -56,6 +56,7 @@ def test_packet_counts_document(shaper):
     assert doc["flows"] == {"started": CounterId.FLOWS_STARTED + 1, "evicted": 2, "active": 5}
     assert doc["interval"]["duration_ms"] == 1000.0 and doc["interval"]["final"] is True
     assert set(doc["packets"]) == set(CLASSES)
+    assert schemas.key_of("packet-counts", doc) == b"gw1/eth0"
 
 
 @pytest.mark.parametrize("action,reason", [("flow_start", None), ("flow_update", None),
@@ -64,9 +65,9 @@ def test_packet_counts_document(shaper):
 def test_flow_documents_are_valid(shaper, action, reason):
     v = FlowValue(first_ns=5 * 10**9, last_ns=7 * 10**9, packets=12, bytes=3456, tcp_flags=0x1B,
                   directions=1, midstream=0)
-    key, doc = shaper.flow(FlowReport(action, reason, ipv4_key("192.0.2.7", 51000, "192.0.2.1"), v))
+    doc = shaper.flow(FlowReport(action, reason, ipv4_key("192.0.2.7", 51000, "192.0.2.1"), v))
     assert schemas.errors("ssh-flows", doc) == []
-    assert key == b"192.0.2.7"
+    assert schemas.key_of("ssh-flows", doc) == b"192.0.2.7"
     assert doc["source"] == {"ip": "192.0.2.7", "port": 51000}
     assert doc["destination"] == {"ip": "192.0.2.1", "port": 22}
     assert doc["network"]["packets"] == 12 and doc["network"]["bytes"] == 3456
@@ -84,9 +85,9 @@ def test_ipv6_flow_and_ids(shaper):
     v = FlowValue(first_ns=1, last_ns=1, packets=1, bytes=74, tcp_flags=0x02, directions=3)
     ids = set()
     for _ in range(3):
-        key, doc = shaper.flow(FlowReport("flow_start", None, k, v))
+        doc = shaper.flow(FlowReport("flow_start", None, k, v))
         ids.add(doc["event"]["id"])
-    assert key == b"2001:db8::7" and doc["network"]["type"] == "ipv6"
+    assert schemas.key_of("ssh-flows", doc) == b"2001:db8::7" and doc["network"]["type"] == "ipv6"
     assert doc["network"]["direction"] == "internal"
     assert schemas.errors("ssh-flows", doc) == []
     assert len(ids) == 3 and all(re.fullmatch(r"gw1-\w+-[0-9a-f]+-\d+", i) for i in ids)
@@ -94,7 +95,7 @@ def test_ipv6_flow_and_ids(shaper):
 
 def test_schema_rejects_what_consumers_could_not_use(shaper):
     v = FlowValue(first_ns=1, last_ns=1, packets=1, bytes=74, tcp_flags=0x02, directions=1)
-    _, doc = shaper.flow(FlowReport("flow_update", None, ipv4_key("192.0.2.7", 1, "192.0.2.1"), v))
+    doc = shaper.flow(FlowReport("flow_update", None, ipv4_key("192.0.2.7", 1, "192.0.2.1"), v))
     doc["event"]["reason"] = "fin"  # only flow_end has a reason
     doc["source"]["ip"] = "not-an-ip"
     errs = schemas.errors("ssh-flows", doc)
