@@ -254,6 +254,9 @@ class AlertSink:
         if output == "kafka":
             from confluent_kafka import Producer
 
+            from .base import ensure_topics
+
+            ensure_topics(kafka_conf, [topic])
             self.topic, self._headers = topic, schemas.headers("alerts")
             self._producer = Producer({**kafka_conf, "enable.idempotence": True, "acks": "all"})
         elif output == "stdout":

@@ -8,6 +8,9 @@
   the loop goes on. Nothing crashes, nothing is dropped silently.
 - SIGINT/SIGTERM set `stop`; the loop finishes the batch in hand, closes the handler,
   commits, and returns.
+- A handler that makes its own side effects durable in batches (the archiver) sets
+  `owns_offsets` and implements `OffsetOwner`: it chooses the start position of every
+  assigned partition and says which offsets are durable; the loop commits exactly those.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Event:
     key: bytes | None
     stream: str
     doc: dict
+    value: bytes  # the message as it arrived
 
 
 class Handler(Protocol):
@@ -44,6 +48,26 @@ class Handler(Protocol):
         """Do the side effect; return only when it is done (the offset is stored next)."""
 
     def close(self) -> None: ...
+
+
+class OffsetOwner(Handler, Protocol):
+    owns_offsets: bool  # True
+
+    def assigned(self, partitions: list, committed: dict[tuple[str, int], int]) -> None:
+        """Set `.offset` of each TopicPartition to where consuming must start.
+        `committed` maps (topic, partition) to the group's committed offset, if any."""
+
+    def revoked(self, partitions: list) -> None:
+        """Make everything handled for these partitions durable (they are going away)."""
+
+    def skipped(self, topic: str, partition: int, offset: int) -> None:
+        """A message was dead-lettered: its offset is done as far as the handler goes."""
+
+    def tick(self) -> None:
+        """Called after every poll, messages or not (time-based work)."""
+
+    def durable(self) -> list:
+        """TopicPartitions (offset = next to read) that became durable since the last call."""
 
 
 class DeadLetterSink(Protocol):
@@ -90,6 +114,33 @@ class KafkaDeadLetter:
         self._p.flush(30)
 
 
+def ensure_topics(conf: dict, topics: list[str], partitions: int = 3, replication: int = 1,
+                  timeout: float = 15.0) -> None:
+    """Fail fast when Kafka is unreachable; create the topics a consumer writes to if missing."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(conf, logger=logging.getLogger("librdkafka"))
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as e:
+        raise ConsumerError(f"cannot reach Kafka at {conf['bootstrap.servers']} within {timeout:.0f}s "
+                            f"({e.args[0].str()}); check --bootstrap-servers") from None
+    missing = [t for t in topics if t not in existing]
+    if not missing:
+        return
+    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=replication)
+                                   for t in missing], request_timeout=timeout)
+    for t, fut in futures.items():
+        try:
+            fut.result()
+            log.info("created topic %s (%d partitions)", t, partitions)
+        except KafkaException as e:
+            if e.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise ConsumerError(f"topic {t} does not exist and creating it failed ({e.args[0].str()}); "
+                                    "create it yourself") from None
+
+
 @dataclass
 class LoopStats:
     handled: int = 0
@@ -124,12 +175,32 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
         except KafkaException as e:
             raise ConsumerError(f"cannot reach Kafka at {conf['bootstrap.servers']} within 15s "
                                 f"({e.args[0].str()}); check --bootstrap-servers") from None
-        consumer.subscribe(topics)
+        owner = getattr(handler, "owns_offsets", False)
+        if owner:
+            def on_assign(c, partitions):
+                committed = {(p.topic, p.partition): p.offset for p in c.committed(partitions, timeout=15)
+                             if p.offset >= 0}
+                handler.assigned(partitions, committed)
+                c.assign(partitions)
+
+            def on_revoke(c, partitions):
+                handler.revoked(partitions)
+                _commit(c, handler.durable())
+
+            consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke)
+        else:
+            consumer.subscribe(topics)
         last_message = time.monotonic()
         while not stop.is_set():
             msgs = consumer.consume(500, 0.5)
-            if not msgs and idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
-                break
+            if owner:
+                handler.tick()
+                _commit(consumer, handler.durable())
+            if not msgs and idle_exit_s is not None:
+                if not consumer.assignment():  # still joining the group: not idle yet
+                    last_message = time.monotonic()
+                elif time.monotonic() - last_message > idle_exit_s:
+                    break
             for m in msgs:
                 err = m.error()
                 if err is not None:
@@ -147,20 +218,39 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                     stats.dead_lettered += 1
                     stats.by_reason[reason.split(":")[0]] = stats.by_reason.get(reason.split(":")[0], 0) + 1
                     log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
+                    if owner:
+                        handler.skipped(m.topic(), m.partition(), m.offset())
                 else:
                     handler.handle(ev)
                     stats.handled += 1
-                consumer.store_offsets(message=m)
+                if not owner:
+                    consumer.store_offsets(message=m)
         handler.close()
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as e:
-            if e.args[0].code() != KafkaError._NO_OFFSET:
-                raise ConsumerError(f"committing offsets failed: {e.args[0].str()}") from None
+        if not owner:
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError._NO_OFFSET:
+                    raise ConsumerError(f"committing offsets failed: {e.args[0].str()}") from None
     finally:
+        if owner:  # also after a failure: what is durable is committed
+            _commit(consumer, handler.durable())
         consumer.close()
         dead_letter.close()
     return stats
+
+
+def _commit(consumer, offsets: list) -> None:
+    """Commit what an OffsetOwner made durable. A failed commit loses nothing (the handler
+    resumes from its own durable state), so it is a warning, not an error."""
+    from confluent_kafka import KafkaException
+
+    if not offsets:
+        return
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
+    except KafkaException as e:
+        log.warning("committing offsets failed (will resume from durable state): %s", e.args[0].str())
 
 
 def _b64(b: bytes | None) -> str | None:
@@ -178,4 +268,4 @@ def _decode(m) -> tuple[Event | None, str]:
     errs = schemas.errors(stream, doc)
     if errs:
         return None, f"schema: {'; '.join(errs[:3])}"
-    return Event(m.topic(), m.partition(), m.offset(), m.key(), stream, doc), ""
+    return Event(m.topic(), m.partition(), m.offset(), m.key(), stream, doc, m.value()), ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import sys
 import threading
@@ -221,6 +222,119 @@ def alert(
     stats = run_loop(conf, topics, AlertHandler(rules_cfg, sink), dl, stop, exit_when_idle)
     logging.getLogger("xdpwatch").info("stopped: %d events handled, %d alerts, %d dead-lettered",
                                        stats.handled, sink.count, stats.dead_lettered)
+
+
+class Stream(str, enum.Enum):
+    packet_counts = "packet-counts"
+    ssh_flows = "ssh-flows"
+    alerts = "alerts"
+
+
+StreamOpt = Annotated[list[Stream], typer.Option("--stream", help="Only this stream; repeat for several (default: all).")]
+
+
+@app.command(epilog="Example: xdpwatch archive --bootstrap-servers kafka:9092 --dir /var/lib/xdpwatch/archive ; "
+                    "read a segment with: zstdcat DIR/xdpwatch.ssh-flows.p0.*.jsonl.zst | jq .")
+def archive(
+    directory: Annotated[Path, typer.Option("--dir", envvar="XDPWATCH_ARCHIVE_DIR", file_okay=False,
+                                            help="Archive directory (created if missing; one archiver per directory).")],
+    bootstrap_servers: BootstrapOpt = None,
+    stream: StreamOpt = [],
+    roll_mb: Annotated[float, typer.Option(envvar="XDPWATCH_ROLL_MB", min=0.001,
+                                           help="Close a segment at this many MB of (uncompressed) JSON.")] = 64.0,
+    roll_seconds: Annotated[float, typer.Option(envvar="XDPWATCH_ROLL_SECONDS", min=0.1,
+                                                help="Close a segment this many seconds after it was opened; "
+                                                     "closed segments are durable and their offsets committed.")] = 300.0,
+    group_id: Annotated[str, typer.Option(envvar="XDPWATCH_GROUP_ID", help="Consumer group.")] = "xdpwatch-archive",
+    from_beginning: Annotated[bool, typer.Option("--from-beginning/--from-now", help="With neither files nor a committed offset for a partition, start at its oldest message (default) or only take new ones.")] = True,
+    kafka_option: KafkaOptionOpt = [],
+    dead_letter: DeadLetterOpt = "kafka",
+    topic_prefix: PrefixOpt = "xdpwatch",
+    exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
+    log_level: LogLevelOpt = LogLevel.info,
+) -> None:
+    """Archive topics to zstd-compressed JSON-lines files, one segment per topic-partition
+    and offset range. Every offset lands in exactly one segment, across crashes and
+    restarts: offsets are committed only after a segment is on disk (fsynced), and a
+    restart resumes where the files end."""
+    from .consumers.archive import Archiver
+    from .consumers.base import run_loop
+
+    arch = Archiver(directory, int(roll_mb * 1e6), roll_seconds)
+    conf, _, dl, stop = _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option,
+                                        dead_letter, topic_prefix, log_level)
+    topics = [schemas.topic(topic_prefix, s.value) for s in (stream or list(Stream))]
+    stats = run_loop(conf, topics, arch, dl, stop, exit_when_idle)
+    logging.getLogger("xdpwatch").info("stopped: %d messages archived in %d segments, %d dead-lettered",
+                                       arch.lines_written, arch.segments_written, stats.dead_lettered)
+
+
+class Action(str, enum.Enum):
+    flow_start = "flow_start"
+    flow_update = "flow_update"
+    flow_end = "flow_end"
+
+
+class ReplayOutput(str, enum.Enum):
+    stdout = "stdout"
+    kafka = "kafka"
+
+
+@app.command(epilog="Examples: xdpwatch replay --dir archive --source-ip 203.0.113.0/24 --action flow_start | jq . ; "
+                    "xdpwatch replay --dir archive --output kafka --bootstrap-servers kafka:9092 "
+                    "&& xdpwatch alert --topic-prefix replay --from-beginning --group-id case-42 --output stdout")
+def replay(
+    directory: Annotated[Path, typer.Option("--dir", envvar="XDPWATCH_ARCHIVE_DIR", help="Archive directory written by `xdpwatch archive`.")],
+    files: Annotated[Optional[list[str]], typer.Argument(metavar="FILE", help="Segment files to replay, relative to --dir (default: all).", show_default=False)] = None,
+    output: Annotated[ReplayOutput, typer.Option(help="stdout (JSON lines) or kafka (topics PREFIX.<stream>).")] = ReplayOutput.stdout,
+    bootstrap_servers: Annotated[Optional[str], typer.Option(envvar="XDPWATCH_BOOTSTRAP_SERVERS", help="Kafka brokers; needed with --output kafka.")] = None,
+    topic_prefix: Annotated[str, typer.Option(help="With --output kafka: write to PREFIX.<stream>. The default keeps replayed events out of the live topics.")] = "replay",
+    since: Annotated[Optional[str], typer.Option(metavar="TIME", help="Only events with @timestamp at or after this ISO 8601 time (UTC if no offset).")] = None,
+    until: Annotated[Optional[str], typer.Option(metavar="TIME", help="Only events with @timestamp before this ISO 8601 time.")] = None,
+    source_ip: Annotated[list[str], typer.Option(metavar="IP[/PREFIX]", help="Only events whose source.ip is this address or in this CIDR; repeat for several.")] = [],
+    action: Annotated[list[Action], typer.Option(help="Only events with this event.action; repeat for several.")] = [],
+    stream: StreamOpt = [],
+    speed: Annotated[float, typer.Option(min=0.0, help="1 = original timing, 10 = ten times faster, 0 = as fast as possible.")] = 0.0,
+    kafka_option: KafkaOptionOpt = [],
+    log_level: LogLevelOpt = LogLevel.warning,
+) -> None:
+    """Replay an archive in order, to stdout or Kafka, with filters and optional pacing.
+    Bad lines and files are reported (file:line), skipped and counted; exit code 4 then."""
+    import ipaddress
+
+    from .consumers.errors import ConsumerError, SkippedInputError, UndeliveredError
+    from .consumers.replay import Filters, KafkaSink, ReplayStats, StdoutSink, parse_time, replay as run_replay, select_inputs
+
+    _setup_logging(log_level)
+    try:
+        filters = Filters(
+            since=parse_time(since) if since else None, until=parse_time(until) if until else None,
+            source_nets=[ipaddress.ip_network(n, strict=False) for n in source_ip],
+            actions={a.value for a in action}, streams={s.value for s in stream})
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    stats = ReplayStats()
+    segments = select_inputs(directory, files or [], stats)
+    if output is ReplayOutput.kafka:
+        if not bootstrap_servers:
+            raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
+        sink = KafkaSink({"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}, topic_prefix,
+                         sorted({schemas.stream_of(s.topic) for s in segments}))
+    else:
+        sink = StdoutSink()
+    try:
+        run_replay(segments, filters, sink.emit, speed, stats)
+        undelivered = sink.close()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    print(f"xdpwatch replay: {stats.replayed} events replayed, {stats.filtered} filtered out, "
+          f"{stats.bad_lines} bad lines and {stats.bad_files} bad files skipped, from {stats.files} segments",
+          file=sys.stderr)
+    if undelivered:
+        raise UndeliveredError(f"{undelivered} of {stats.replayed} events were not delivered to Kafka")
+    if stats.bad_lines or stats.bad_files:
+        raise SkippedInputError(f"{stats.bad_lines + stats.bad_files} bad lines/files were skipped (listed above)")
 
 
 @app.command("schemas")

@@ -222,7 +222,7 @@ class Sshd:
         self.net = net
         self.dir = Path(tempfile.mkdtemp(prefix="xw-sshd-"))
         d = self.dir
-        for tool in ("/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/ssh-keygen"):
+        for tool in ("/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/ssh-keygen", "/usr/bin/sshpass"):
             if not Path(tool).exists():
                 raise AssertionError(f"{tool} missing: run `make setup`")
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
@@ -236,7 +236,7 @@ PidFile {d}/sshd.pid
 AuthorizedKeysFile {d}/authorized_keys
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
-PasswordAuthentication no
+PasswordAuthentication yes
 KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
@@ -258,6 +258,13 @@ LogLevel VERBOSE
         return ["ssh", "-i", str(self.dir / "client_key"), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
                 f"root@{self.net.srv_ip}", remote_command]
+
+    def failed_login_cmd(self, password: str = "wrong") -> list[str]:
+        """argv for a real password login that fails (root may not log in with a password)."""
+        return ["sshpass", "-p", password, "ssh", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "PubkeyAuthentication=no",
+                "-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1",
+                f"root@{self.net.srv_ip}", "true"]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

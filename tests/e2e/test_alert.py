@@ -15,7 +15,7 @@ from xdpwatch.producer.events import Clock, EventShaper
 from xdpwatch.producer.flows import FlowReport
 from xdpwatch.producer.records import FlowKey, FlowValue
 
-from .producer_proc import XDPWATCH
+from .procs import XDPWATCH
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ import pytest
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import ifindex_of
 
-from .producer_proc import XDPWATCH, ProducerProc
+from .procs import XDPWATCH, ProducerProc
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import ifindex_of
 
 from .env import consume_all
-from .producer_proc import ProducerProc
+from .procs import ProducerProc
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Run `xdpwatch produce` as a user would: a subprocess, stopped with SIGTERM."""
+"""Run `xdpwatch` commands as a user would: subprocesses, stopped with a signal."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from pathlib import Path
 XDPWATCH = str(Path(sys.executable).with_name("xdpwatch"))
 
 
-class ProducerProc:
-    def __init__(self, *args: str, env: dict | None = None):
-        self.argv = [XDPWATCH, "produce", *args]
+class XdpwatchProc:
+    """`xdpwatch COMMAND ARGS…` in the background; stderr collected line by line."""
+
+    def __init__(self, command: str, *args: str, env: dict | None = None):
+        self.argv = [XDPWATCH, command, *args]
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})})
         self.stderr_lines: list[str] = []
@@ -37,12 +39,9 @@ class ProducerProc:
                 return
             if self.proc.poll() is not None:
                 self._reader.join(2)
-                raise AssertionError(f"producer exited {self.proc.returncode} before {text!r}:\n{self.stderr}")
+                raise AssertionError(f"{self.argv[1]} exited {self.proc.returncode} before {text!r}:\n{self.stderr}")
             time.sleep(0.05)
-        raise AssertionError(f"producer did not log {text!r} within {timeout}s:\n{self.stderr}")
-
-    def wait_attached(self) -> None:
-        self.wait_for_log("attached XDP program")
+        raise AssertionError(f"{self.argv[1]} did not log {text!r} within {timeout}s:\n{self.stderr}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -52,14 +51,22 @@ class ProducerProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-            raise AssertionError(f"producer ignored signal {sig} for {timeout}s:\n{self.stderr}")
+            raise AssertionError(f"{self.argv[1]} ignored signal {sig} for {timeout}s:\n{self.stderr}")
         self._reader.join(5)
         return rc
 
-    def __enter__(self) -> "ProducerProc":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class ProducerProc(XdpwatchProc):
+    def __init__(self, *args: str, env: dict | None = None):
+        super().__init__("produce", *args, env=env)
+
+    def wait_attached(self) -> None:
+        self.wait_for_log("attached XDP program")

@@ -1,0 +1,256 @@
+"""`xdpwatch replay`: archived segments back to Kafka or stdout, filtered, optionally paced.
+
+Order: each partition's segments by offset, partitions merged by `@timestamp` (a partition's
+own order is never changed). Every line is checked as the live consumers check messages:
+JSON, then the topic's schema. A bad line, a truncated or corrupt segment and a file that
+is not a segment are each reported (file and line), skipped and counted; the command then
+exits 4 so scripts notice. Paths are confined to the archive directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import ipaddress
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import orjson
+
+from .. import schemas
+from .archive import LOCK_NAME, Segment
+from .errors import ConsumerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Filters:
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None          # exclusive
+    source_nets: list = field(default_factory=list)   # ip_network; empty = any
+    actions: set[str] = field(default_factory=set)    # empty = any
+    streams: set[str] = field(default_factory=set)    # empty = all
+
+    def match(self, stream: str, doc: dict, ts: dt.datetime) -> bool:
+        if self.streams and stream not in self.streams:
+            return False
+        if self.since and ts < self.since or self.until and ts >= self.until:
+            return False
+        if self.actions and doc.get("event", {}).get("action") not in self.actions:
+            return False
+        if self.source_nets:
+            ip = doc.get("source", {}).get("ip")
+            if ip is None or not any(ipaddress.ip_address(ip) in n for n in self.source_nets):
+                return False
+        return True
+
+
+def parse_time(text: str) -> dt.datetime:
+    """ISO 8601 (`2026-11-25T10:00:00Z`, a date, or with an offset); naive means UTC."""
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-25T10:00:00Z)") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+@dataclass
+class ReplayStats:
+    files: int = 0
+    read: int = 0
+    replayed: int = 0
+    filtered: int = 0
+    bad_lines: int = 0
+    bad_files: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, text: str, bad_file: bool = False) -> None:
+        if bad_file:
+            self.bad_files += 1
+        else:
+            self.bad_lines += 1
+        self.problems.append(text)
+        log.warning("%s", text)
+
+
+def select_inputs(archive: Path, names: list[str], stats: ReplayStats) -> list[Segment]:
+    """Segments to replay: `names` (relative to `archive`, never outside it) or all of it."""
+    try:
+        root = archive.resolve(strict=True)
+    except OSError as e:
+        raise ConsumerError(f"archive directory {archive}: {e.strerror}") from None
+    if not root.is_dir():
+        raise ConsumerError(f"{archive} is not a directory; give the archive directory with --dir")
+    if names:
+        paths = []
+        for n in names:
+            p = (root / n).resolve()
+            if not p.is_relative_to(root):
+                raise ConsumerError(f"{n} is outside the archive directory {archive}; "
+                                    "name files inside it (relative paths)")
+            if not p.is_file():
+                raise ConsumerError(f"{n}: no such file in the archive directory {archive}")
+            paths.append(p)
+    else:
+        paths = sorted(p for p in root.iterdir() if p.is_file() and p.name != LOCK_NAME)
+    segments = []
+    for p in paths:
+        seg = Segment.parse(p)
+        if seg is None:
+            why = ("an unfinished segment (being written, or left by a crash; its messages are "
+                   "still in Kafka)" if p.name.endswith(".open") else "not an archive segment")
+            stats.problem(f"{p.name}: skipped, {why}", bad_file=True)
+        elif schemas.stream_of(seg.topic) is None:
+            stats.problem(f"{p.name}: skipped, topic {seg.topic} is not an xdpwatch stream", bad_file=True)
+        else:
+            segments.append(seg)
+    return segments
+
+
+class TruncatedFrame(Exception):
+    pass
+
+
+def zstd_lines(f, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """Lines of a file of zstd frames. Unlike a stream reader, a file cut mid-frame raises
+    (TruncatedFrame) instead of ending quietly. The last line may lack its newline."""
+    import zstandard
+
+    d, in_frame, pending = zstandard.ZstdDecompressor().decompressobj(), False, b""
+    while chunk := f.read(chunk_size):
+        while chunk:
+            in_frame = True
+            pending += d.decompress(chunk)
+            chunk = b""
+            if d.eof:  # frame complete; the rest may start another one
+                chunk, in_frame = d.unused_data, False
+                d = zstandard.ZstdDecompressor().decompressobj()
+        *lines, pending = pending.split(b"\n")
+        yield from (line + b"\n" for line in lines)
+    if pending:
+        yield pending
+    if in_frame:
+        raise TruncatedFrame("the last zstd frame is incomplete")
+
+
+def read_segment(seg: Segment, stats: ReplayStats) -> Iterator[tuple[dt.datetime, str, dict, bytes]]:
+    """(timestamp, stream, document, line) of every valid line of one segment."""
+    import zstandard
+
+    stream = schemas.stream_of(seg.topic)
+    stats.files += 1
+    n = 0
+    try:
+        with open(seg.path, "rb") as f:
+            for n, line in enumerate(zstd_lines(f), 1):
+                stats.read += 1
+                where = f"{seg.path.name}:{n}"
+                if not line.endswith(b"\n"):
+                    stats.problem(f"{where}: skipped, truncated line (no newline at end of segment)")
+                    continue
+                try:
+                    doc = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    stats.problem(f"{where}: skipped, not JSON ({e})")
+                    continue
+                errs = schemas.errors(stream, doc)
+                if errs:
+                    stats.problem(f"{where}: skipped, breaks the {stream} schema ({errs[0]})")
+                    continue
+                yield parse_time(doc["@timestamp"]), stream, doc, line.rstrip(b"\n")
+    except (zstandard.ZstdError, TruncatedFrame) as e:
+        stats.problem(f"{seg.path.name}: compressed data truncated or corrupt after line {n} ({e}); "
+                      "rest of the file skipped", bad_file=True)
+    except OSError as e:
+        stats.problem(f"{seg.path.name}: cannot read ({e.strerror}); skipped", bad_file=True)
+
+
+def ordered(segments: list[Segment], stats: ReplayStats) -> Iterator[tuple[dt.datetime, str, dict, bytes]]:
+    """All lines, each partition in offset order, partitions merged by timestamp."""
+    by_partition: dict[tuple[str, int], list[Segment]] = {}
+    for s in segments:
+        by_partition.setdefault((s.topic, s.partition), []).append(s)
+
+    def partition_lines(segs: list[Segment]):
+        for s in sorted(segs, key=lambda s: s.first):
+            yield from read_segment(s, stats)
+
+    return heapq.merge(*(partition_lines(v) for v in by_partition.values()), key=lambda r: r[0])
+
+
+def replay(segments: list[Segment], filters: Filters, emit: Callable[[str, dict, bytes], None],
+           speed: float, stats: ReplayStats, sleep=time.sleep, clock=time.monotonic) -> None:
+    """Emit every matching line; with `speed` > 0, keep the original gaps divided by speed."""
+    first_ts = started = None
+    for ts, stream, doc, line in ordered(segments, stats):
+        if not filters.match(stream, doc, ts):
+            stats.filtered += 1
+            continue
+        if speed > 0:
+            if first_ts is None:
+                first_ts, started = ts, clock()
+            delay = (ts - first_ts).total_seconds() / speed - (clock() - started)
+            if delay > 0:
+                sleep(delay)
+        emit(stream, doc, line)
+        stats.replayed += 1
+
+
+class StdoutSink:
+    def __init__(self) -> None:
+        self._out = sys.stdout.buffer
+
+    def emit(self, stream: str, doc: dict, line: bytes) -> None:
+        self._out.write(line + b"\n")
+
+    def close(self) -> int:
+        self._out.flush()
+        return 0
+
+
+class KafkaSink:
+    """To `<prefix>.<stream>`, keyed and with headers as the producer does; idempotent."""
+
+    def __init__(self, conf: dict, prefix: str, streams: list[str]):
+        from confluent_kafka import KafkaException, Producer
+
+        from .base import ensure_topics
+
+        ensure_topics(conf, [schemas.topic(prefix, s) for s in streams])
+        self.prefix = prefix
+        self.failed = 0
+        self._errors: list[str] = []
+        try:
+            self._p = Producer({**conf, "enable.idempotence": True, "acks": "all",
+                                "compression.type": "zstd", "linger.ms": 20})
+        except KafkaException as e:
+            raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
+
+    def _delivered(self, err, _msg) -> None:
+        if err is not None:
+            self.failed += 1
+            if len(self._errors) < 3:
+                self._errors.append(err.str())
+
+    def emit(self, stream: str, doc: dict, line: bytes) -> None:
+        topic = schemas.topic(self.prefix, stream)
+        while True:
+            try:
+                self._p.produce(topic, line, schemas.key_of(stream, doc), headers=schemas.headers(stream),
+                                on_delivery=self._delivered)
+                break
+            except BufferError:  # local queue full: let deliveries drain
+                self._p.poll(0.5)
+        self._p.poll(0)
+
+    def close(self, timeout: float = 60.0) -> int:
+        """Wait for every delivery; returns how many were not delivered."""
+        pending = self._p.flush(timeout)
+        if self._errors:
+            log.error("delivery failed: %s", "; ".join(self._errors))
+        return self.failed + pending
