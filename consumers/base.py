@@ -148,6 +148,41 @@ class LoopStats:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
+class ConsumerMetrics:
+    """Prometheus view of a consumer: messages handled and dead-lettered, the handler's own
+    figures (`extra()` -> {name: (help, value)}), and lag per partition from librdkafka's
+    statistics (put `on_stats` as `stats_cb` in the consumer config)."""
+
+    def __init__(self, command: str, stats: LoopStats, extra=lambda: {}):
+        self.command, self.stats, self.extra = command, stats, extra
+        self.lag: dict[tuple[str, int], int] = {}
+
+    def on_stats(self, raw: str) -> None:
+        doc = orjson.loads(raw)
+        self.lag = {(t, int(p)): part["consumer_lag"]
+                    for t, topic in doc.get("topics", {}).items()
+                    for p, part in topic.get("partitions", {}).items()
+                    if int(p) >= 0 and part.get("consumer_lag", -1) >= 0}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        m = CounterMetricFamily("xdpwatch_consumer_messages", "Messages consumed, by outcome",
+                                labels=["command", "outcome"])
+        m.add_metric([self.command, "handled"], self.stats.handled)
+        m.add_metric([self.command, "dead_lettered"], self.stats.dead_lettered)
+        yield m
+        lag = GaugeMetricFamily("xdpwatch_consumer_lag", "Messages behind the end of the partition",
+                                labels=["command", "topic", "partition"])
+        for (t, p), v in sorted(self.lag.items()):
+            lag.add_metric([self.command, t, str(p)], v)
+        yield lag
+        for name, (text, value) in self.extra().items():
+            c = CounterMetricFamily(f"xdpwatch_{name}", text, labels=["command"])
+            c.add_metric([self.command], value)
+            yield c
+
+
 def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: dict[str, str]) -> dict:
     return {
         "bootstrap.servers": bootstrap,
@@ -160,11 +195,11 @@ def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: di
 
 
 def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadLetterSink,
-             stop: threading.Event, idle_exit_s: float | None = None) -> LoopStats:
+             stop: threading.Event, idle_exit_s: float | None = None, stats: LoopStats | None = None) -> LoopStats:
     """Consume `topics` until `stop` (or `idle_exit_s` without a message, for batch use)."""
     from confluent_kafka import Consumer, KafkaError, KafkaException
 
-    stats = LoopStats()
+    stats = stats if stats is not None else LoopStats()
     try:
         consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
     except KafkaException as e:

@@ -19,6 +19,7 @@ from .events import Clock, CounterDeltas, EventShaper
 from .exporter import DeliveryStats, Exporter
 from .flows import FlowReport, FlowTimeouts, FlowTracker
 from .loader import BpfConfig, XdpProgram
+from .metrics import ProducerMetrics, Snapshot
 from .records import CounterId
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,19 @@ class RunSummary:
     delivery: DeliveryStats = field(default_factory=DeliveryStats)
 
 
-def run(cfg: ProduceConfig, exporter: Exporter, stop: threading.Event) -> RunSummary:
+def run(cfg: ProduceConfig, exporter: Exporter, stop: threading.Event,
+        metrics: ProducerMetrics | None = None) -> RunSummary:
     """Watch `cfg.iface` until `stop` is set; returns what was counted and delivered."""
     prog = XdpProgram(cfg.bpf)
     try:
-        return _Run(cfg, prog, exporter).loop(stop)
+        return _Run(cfg, prog, exporter, metrics).loop(stop)
     finally:
         prog.close()
 
 
 class _Run:
-    def __init__(self, cfg: ProduceConfig, prog: XdpProgram, exporter: Exporter):
-        self.cfg, self.prog, self.exporter = cfg, prog, exporter
+    def __init__(self, cfg: ProduceConfig, prog: XdpProgram, exporter: Exporter, metrics: ProducerMetrics | None):
+        self.cfg, self.prog, self.exporter, self.metrics = cfg, prog, exporter, metrics
         self.clock = Clock()
         self.shaper = EventShaper(cfg.iface, self.clock)
         self.tracker = FlowTracker(prog, self._export_flow, cfg.timeouts, drain=lambda: prog.poll_events(0))
@@ -86,6 +88,8 @@ class _Run:
         s.flows_started = current[CounterId.FLOWS_STARTED][0]
         s.ringbuf_drops = current[CounterId.RINGBUF_DROPS][0]
         s.flows_evicted = self.tracker.evicted
+        if self.metrics is not None:
+            self.metrics.snapshot = Snapshot(current, self.tracker.active, self.tracker.evicted, s.intervals)
         if delta[CounterId.RINGBUF_DROPS][0]:
             log.warning("ring buffer full: %d flow events lost in the kernel this interval "
                         "(raise --ringbuf-pages)", delta[CounterId.RINGBUF_DROPS][0])

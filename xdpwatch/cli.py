@@ -44,9 +44,20 @@ class LogLevel(str, enum.Enum):
     error = "error"
 
 
-def _setup_logging(level: LogLevel) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.value.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class LogFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+LogLevelOpt = Annotated[LogLevel, typer.Option(envvar="XDPWATCH_LOG_LEVEL", help="Logging on stderr.")]
+LogFormatOpt = Annotated[LogFormat, typer.Option(envvar="XDPWATCH_LOG_FORMAT", help="text, or json: one ECS-style object per line for a log shipper.")]
+MetricsPortOpt = Annotated[Optional[int], typer.Option(envvar="XDPWATCH_METRICS_PORT", min=1, max=65535, help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics.")]
+
+
+def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.text) -> None:
+    from .observability import setup_logging
+
+    setup_logging(level.value, fmt.value)
 
 
 def kafka_options(pairs: list[str]) -> dict[str, str]:
@@ -105,7 +116,9 @@ def produce(
                                                  help="Most SSH flows tracked at once; beyond it the least recent is evicted (and counted).")] = 65536,
     ringbuf_pages: Annotated[int, typer.Option(envvar="XDPWATCH_RINGBUF_PAGES",
                                                help="Ring buffer size in pages (power of two); a full buffer drops events (counted).")] = 64,
-    log_level: Annotated[LogLevel, typer.Option(envvar="XDPWATCH_LOG_LEVEL", help="Logging on stderr.")] = LogLevel.info,
+    metrics_port: MetricsPortOpt = None,
+    log_level: LogLevelOpt = LogLevel.info,
+    log_format: LogFormatOpt = LogFormat.text,
     dump_bpf: Annotated[bool, typer.Option(hidden=True, help="Print the BPF source as compiled and exit.")] = False,
 ) -> None:
     """Attach the XDP program to an interface and stream packet counts and SSH flows to Kafka.
@@ -120,7 +133,7 @@ def produce(
     from .producer.loader import BpfConfig, render_source
     from .producer.pipeline import ProduceConfig, run
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     bpf_cfg = BpfConfig(tuple(sorted(set(ssh_port))), flow_table_size, ringbuf_pages)
     bpf_cfg.validate()
     if dump_bpf:
@@ -146,7 +159,12 @@ def produce(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    summary = run(cfg, exporter, stop)
+    from .observability import serve_metrics
+    from .producer.metrics import ProducerMetrics
+
+    metrics = ProducerMetrics(iface, flow_table_size, exporter.stats) if metrics_port else None
+    serve_metrics(metrics_port, metrics)
+    summary = run(cfg, exporter, stop, metrics)
     d = summary.delivery
     logging.getLogger("xdpwatch").info(
         "stopped: %d packets, %d SSH flows (%d evicted), %d ring-buffer drops; events produced %d, "
@@ -158,16 +176,24 @@ def produce(
                             "(see the errors above)")
 
 
-def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level):
-    """What every consumer command shares: logging, Kafka config, dead-letter sink, stop event."""
-    from .consumers.base import FileDeadLetter, KafkaDeadLetter, consumer_conf
+def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix,
+                    log_level, log_format, metrics_port, command, extra_metrics=lambda: {}):
+    """What every consumer command shares: logging, metrics, Kafka config, dead-letter sink,
+    stop event. Returns (consumer conf, producer conf, dead-letter sink, stop, loop stats)."""
+    from .consumers.base import ConsumerMetrics, FileDeadLetter, KafkaDeadLetter, LoopStats, consumer_conf
     from .consumers.errors import ConsumerError
+    from .observability import serve_metrics
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     if not bootstrap_servers:
         raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
     extra = kafka_options(kafka_option)
     conf = consumer_conf(bootstrap_servers, group_id, from_beginning, extra)
+    stats = LoopStats()
+    if metrics_port:
+        metrics = ConsumerMetrics(command, stats, extra_metrics)
+        conf.update({"stats_cb": metrics.on_stats, "statistics.interval.ms": 5000})
+        serve_metrics(metrics_port, metrics)
     producer_conf = {"bootstrap.servers": bootstrap_servers, **extra}
     if dead_letter == "kafka":
         sink = KafkaDeadLetter(producer_conf, f"{topic_prefix}.dead-letter")
@@ -176,7 +202,7 @@ def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, d
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    return conf, producer_conf, sink, stop
+    return conf, producer_conf, sink, stop, stats
 
 
 BootstrapOpt = Annotated[Optional[str], typer.Option(envvar="XDPWATCH_BOOTSTRAP_SERVERS", help="Kafka brokers, host:port[,host:port] (required).")]
@@ -184,8 +210,6 @@ FromBeginningOpt = Annotated[bool, typer.Option(help="With no committed offset, 
 KafkaOptionOpt = Annotated[list[str], typer.Option("-X", "--kafka-option", metavar="KEY=VALUE", help="librdkafka setting, as with kcat; repeat.")]
 DeadLetterOpt = Annotated[str, typer.Option(envvar="XDPWATCH_DEAD_LETTER", help="Where invalid messages go, with the reason and original bytes: 'kafka' (topic PREFIX.dead-letter) or a file path (JSON lines).")]
 PrefixOpt = Annotated[str, typer.Option(envvar="XDPWATCH_TOPIC_PREFIX", help="Topic prefix used by the producer.")]
-LogLevelOpt = Annotated[LogLevel, typer.Option(envvar="XDPWATCH_LOG_LEVEL", help="Logging on stderr.")]
-
 
 @app.command(epilog="Example: xdpwatch alert --bootstrap-servers kafka:9092 --rules rules.toml --output stdout")
 def alert(
@@ -199,7 +223,9 @@ def alert(
     topic_prefix: PrefixOpt = "xdpwatch",
     print_default_rules: Annotated[bool, typer.Option(help="Print the default rules file, documented, and exit.")] = False,
     exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
+    metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = LogLevel.info,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Raise alerts from SSH flows and packet counts: SSH brute force, SSH scans,
     traffic spikes, kernel drops. Event time, not wall-clock time: replaying archived
@@ -215,11 +241,13 @@ def alert(
         rules_cfg = load_rules(rules.read_text(), str(rules)) if rules else load_rules("")
     except OSError as e:
         raise ConsumerError(f"cannot read rules file {rules}: {e.strerror}") from None
-    conf, producer_conf, dl, stop = _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option,
-                                                    dead_letter, topic_prefix, log_level)
+    sink: AlertSink | None = None
+    conf, producer_conf, dl, stop, stats = _consumer_setup(
+        bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
+        metrics_port, "alert", lambda: {"alerts": ("Alerts raised", sink.count if sink else 0)})
     sink = AlertSink(output, producer_conf, f"{topic_prefix}.alerts")
     topics = [f"{topic_prefix}.ssh-flows", f"{topic_prefix}.packet-counts"]
-    stats = run_loop(conf, topics, AlertHandler(rules_cfg, sink), dl, stop, exit_when_idle)
+    run_loop(conf, topics, AlertHandler(rules_cfg, sink), dl, stop, exit_when_idle, stats)
     logging.getLogger("xdpwatch").info("stopped: %d events handled, %d alerts, %d dead-lettered",
                                        stats.handled, sink.count, stats.dead_lettered)
 
@@ -251,7 +279,9 @@ def archive(
     dead_letter: DeadLetterOpt = "kafka",
     topic_prefix: PrefixOpt = "xdpwatch",
     exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
+    metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = LogLevel.info,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Archive topics to zstd-compressed JSON-lines files, one segment per topic-partition
     and offset range. Every offset lands in exactly one segment, across crashes and
@@ -261,10 +291,12 @@ def archive(
     from .consumers.base import run_loop
 
     arch = Archiver(directory, int(roll_mb * 1e6), roll_seconds)
-    conf, _, dl, stop = _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option,
-                                        dead_letter, topic_prefix, log_level)
+    conf, _, dl, stop, stats = _consumer_setup(
+        bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
+        metrics_port, "archive", lambda: {"archive_segments": ("Segments written", arch.segments_written),
+                                          "archive_lines": ("Messages archived", arch.lines_written)})
     topics = [schemas.topic(topic_prefix, s.value) for s in (stream or list(Stream))]
-    stats = run_loop(conf, topics, arch, dl, stop, exit_when_idle)
+    run_loop(conf, topics, arch, dl, stop, exit_when_idle, stats)
     logging.getLogger("xdpwatch").info("stopped: %d messages archived in %d segments, %d dead-lettered",
                                        arch.lines_written, arch.segments_written, stats.dead_lettered)
 
@@ -297,6 +329,7 @@ def replay(
     speed: Annotated[float, typer.Option(min=0.0, help="1 = original timing, 10 = ten times faster, 0 = as fast as possible.")] = 0.0,
     kafka_option: KafkaOptionOpt = [],
     log_level: LogLevelOpt = LogLevel.warning,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Replay an archive in order, to stdout or Kafka, with filters and optional pacing.
     Bad lines and files are reported (file:line), skipped and counted; exit code 4 then."""
@@ -305,7 +338,7 @@ def replay(
     from .consumers.errors import ConsumerError, SkippedInputError, UndeliveredError
     from .consumers.replay import Filters, KafkaSink, ReplayStats, StdoutSink, parse_time, replay as run_replay, select_inputs
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     try:
         filters = Filters(
             since=parse_time(since) if since else None, until=parse_time(until) if until else None,
@@ -354,10 +387,11 @@ def schemas_cmd(
 
 def main() -> None:
     from .consumers.errors import ConsumerError
+    from .observability import MetricsPortError
     from .producer.errors import XdpwatchError
 
     try:
         app()
-    except (XdpwatchError, ConsumerError) as e:
+    except (XdpwatchError, ConsumerError, MetricsPortError) as e:
         print(f"xdpwatch: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

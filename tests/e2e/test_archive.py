@@ -208,3 +208,29 @@ def test_read_only_directory_is_a_clear_error(broker_factory, tmp_path):
     assert r.stderr.strip() == (f"xdpwatch: error: archive {mnt}: opening the archive directory failed: the "
                                 "file system is read-only. Nothing past the last complete "
                                 "segment was committed; a restart resumes from the files.")
+
+
+def test_consumer_metrics(broker_factory, tmp_path):
+    from .env import free_port, wait_for
+    from .test_produce import scrape
+
+    broker = broker_factory()
+    create_topic(broker)
+    produce(broker, many_sources(40), raw=[b"not json"])
+    port = free_port()
+    with XdpwatchProc("archive", *archive_cmd(broker, tmp_path / "a", tmp_path / "dl.jsonl", "--roll-seconds", "0.5",
+                                              "--metrics-port", str(port))[2:]) as proc:
+        def settled():
+            try:
+                m = scrape(port)
+            except OSError:  # not listening yet
+                return None
+            lag = [v for k, v in m.items() if k.startswith("xdpwatch_consumer_lag{")]
+            return m if len(lag) == 3 and sum(lag) == 0 and m.get(
+                'xdpwatch_archive_lines_total{command="archive"}') == 40 else None
+
+        m = wait_for(settled, 30, "the archiver to catch up (lag 0, 40 lines)", interval=0.5)
+        assert proc.stop() == 0, proc.stderr
+    assert m['xdpwatch_consumer_messages_total{command="archive",outcome="handled"}'] == 40
+    assert m['xdpwatch_consumer_messages_total{command="archive",outcome="dead_lettered"}'] == 1
+    assert m['xdpwatch_archive_segments_total{command="archive"}'] >= 3

@@ -203,3 +203,47 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     assert sum(d["packets"]["ssh"] for d in counts) == rx_packets
     assert sum(d["packets"]["total"] for d in counts) == rx_packets
     assert sum(d["flows"]["started"] for d in counts) == 1
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text format → {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_and_json_logs(testnet, broker):
+    from .env import free_port
+
+    net = testnet
+    port = free_port()
+    t = Traffic(net)
+    t.add(t.eth() / IP(src=net.cli_ip, dst=net.srv_ip) / UDP(sport=5353, dport=9999) / b"m", "ipv4", "udp", times=25)
+    t.add(t.eth() / IP(src=net.cli_ip, dst=net.srv_ip) / TCP(sport=41010, dport=22, flags="S"), "ipv4", "tcp", "ssh")
+    args = ["--iface", net.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.3",
+            "--metrics-port", str(port), "--log-format", "json"]
+    with ProducerProc(*args) as producer:
+        producer.wait_attached()
+        t.send()
+        time.sleep(1.5)  # a few intervals: the snapshot covers every frame
+        m = scrape(port)
+        rc = producer.stop()
+    assert rc == 0, producer.stderr
+    def get(name: str, **labels: str) -> float:
+        lbl = ",".join(f'{k}="{v}"' for k, v in sorted({"interface": net.iface, **labels}.items()))
+        return m[f"{name}{{{lbl}}}"]
+
+    assert get("xdpwatch_packets_total", **{"class": "udp"}) == 25
+    assert get("xdpwatch_packets_total", **{"class": "ssh"}) == 1
+    assert get("xdpwatch_bytes_total", **{"class": "total"}) == t.expected[("bytes", "total")]
+    assert get("xdpwatch_flows_started_total") == 1 and get("xdpwatch_flows_active") == 1
+    assert get("xdpwatch_ringbuf_drops_total") == 0 and get("xdpwatch_flow_table_capacity") == 65536
+    assert get("xdpwatch_events_produced_total") >= get("xdpwatch_events_delivered_total") >= 2
+    assert get("xdpwatch_events_failed_total") == 0
+    assert "process_resident_memory_bytes" in m
+    logs = [orjson.loads(line) for line in producer.stderr_lines if line.startswith("{")]
+    assert len(logs) == len(producer.stderr_lines) >= 2  # every line is JSON
+    assert {"@timestamp", "log.level", "log.logger", "message"} <= set(logs[0])
+    assert any("attached XDP program" in d["message"] for d in logs)
