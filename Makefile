@@ -2,10 +2,13 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
+DURATION ?= 60
+DEMO_DIR ?= demo-output
 
 .PHONY: setup test test-unit test-kernel test-e2e demo clean help
 
 help:
+	@echo "make demo       setup, then the whole pipeline for DURATION s (default 60) with a live view"
 	@echo "make setup      install Debian packages, kernel header links, .venv, test broker (idempotent)"
 	@echo "make test       setup, then every test (unit, kernel, end to end)"
 	@echo "make test-unit  pure-Python tests only (fast, no root)"
@@ -21,6 +24,9 @@ test-unit: setup
 
 test-kernel: setup
 	$(PYTEST) -q tests/kernel
+
+demo: setup
+	$(VENV)/bin/xdpwatch demo --duration $(DURATION) --dir $(DEMO_DIR)
 
 test-e2e: setup
 	$(PYTEST) -q tests/e2e

@@ -190,6 +190,7 @@ def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: di
         "enable.auto.offset.store": False,
         "enable.auto.commit": True,
         "auto.offset.reset": "earliest" if from_beginning else "latest",
+        "topic.metadata.refresh.interval.ms": 10000,  # pick up a topic created after we started
         **extra,
     }
 

@@ -370,6 +370,33 @@ def replay(
         raise SkippedInputError(f"{stats.bad_lines + stats.bad_files} bad lines/files were skipped (listed above)")
 
 
+@app.command(epilog="Example: sudo make demo DURATION=30   (or: sudo .venv/bin/xdpwatch demo --duration 30)")
+def demo(
+    duration: Annotated[float, typer.Option(envvar="DURATION", min=10, max=3600, help="Seconds of traffic before it stops by itself (Ctrl-C stops it earlier).")] = 60.0,
+    directory: Annotated[Path, typer.Option("--dir", help="Where the archive, logs and summary.json go (emptied first).")] = Path("demo-output"),
+    live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="Live terminal view (default: when stdout is a terminal), else a status line every 5 s.", show_default=False)] = None,
+) -> None:
+    """Run the whole pipeline on this machine: a broker, a namespace with a real sshd,
+    `produce` on its veth, `alert` and `archive`, and traffic (UDP/TCP/ICMP, SSH logins, an
+    SSH brute force, a traffic spike). Then a summary; everything it created is removed."""
+    from .demo import Demo, DemoError, print_summary
+    from .lab import LabError
+
+    _setup_logging(LogLevel.warning)
+    try:
+        summary = Demo(duration, directory.resolve(), sys.stdout.isatty() if live is None else live).run()
+    except LabError as e:
+        raise DemoError(str(e)) from None
+    print_summary(summary)
+    failed = {k: v for k, v in summary["exit_codes"].items() if k != "traffic" and v != 0}
+    if failed:
+        raise DemoError(f"components exited with errors: {failed}; their logs are in {summary['logs']}")
+    if summary["left_behind"]:
+        raise DemoError(f"could not remove: {', '.join(summary['left_behind'])}")
+    if not any(a["rule"] == "ssh_bruteforce" for a in summary["alerts"]):
+        raise DemoError(f"the SSH brute force raised no alert; see {summary['logs']}/alert.log")
+
+
 @app.command("schemas")
 def schemas_cmd(
     stream: Annotated[Optional[str], typer.Argument(help="Print this stream's schema (JSON); omit to list them.")] = None,
@@ -387,11 +414,12 @@ def schemas_cmd(
 
 def main() -> None:
     from .consumers.errors import ConsumerError
+    from .demo import DemoError
     from .observability import MetricsPortError
     from .producer.errors import XdpwatchError
 
     try:
         app()
-    except (XdpwatchError, ConsumerError, MetricsPortError) as e:
+    except (XdpwatchError, ConsumerError, MetricsPortError, DemoError) as e:
         print(f"xdpwatch: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -87,6 +87,11 @@ class Broker:
         except Exception:
             return False
 
+    def topics(self) -> set[str]:
+        from confluent_kafka.admin import AdminClient
+
+        return set(AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=5).topics)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
