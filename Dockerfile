@@ -1,0 +1,29 @@
+# xdpwatch: one image for the producer and the consumers; the entrypoint is the xdpwatch CLI.
+# bcc compiles the XDP program when the producer starts, against the host kernel's headers:
+# mount /lib/modules and /usr/src from the host (see docker-compose.yml).
+FROM debian:bookworm-slim
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      python3 python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 bpfcc-tools \
+      iproute2 zstd ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# A venv that sees Debian's bcc module (it is not on PyPI).
+RUN python3 -m venv --system-site-packages /opt/xdpwatch
+WORKDIR /opt/xdpwatch/src
+COPY pyproject.toml README.md ./
+COPY xdpwatch xdpwatch
+COPY producer producer
+COPY consumers consumers
+COPY schemas schemas
+COPY bpf bpf
+RUN /opt/xdpwatch/bin/pip install --no-cache-dir . \
+ && /opt/xdpwatch/bin/xdpwatch --version
+
+ENV PATH=/opt/xdpwatch/bin:$PATH PYTHONUNBUFFERED=1
+# Prometheus metrics (--metrics-port) of whichever command runs.
+EXPOSE 9464
+WORKDIR /var/lib/xdpwatch
+ENTRYPOINT ["xdpwatch"]
+CMD ["--help"]
