@@ -301,7 +301,6 @@ def _decode(m) -> tuple[Event | None, str]:
         doc = orjson.loads(m.value())
     except (orjson.JSONDecodeError, TypeError) as e:
         return None, f"not-json: {e}"
-    errs = schemas.errors(stream, doc)
-    if errs:
-        return None, f"schema: {'; '.join(errs[:3])}"
+    if not schemas.is_valid(stream, doc):
+        return None, f"schema: {'; '.join(schemas.errors(stream, doc)[:3])}"
     return Event(m.topic(), m.partition(), m.offset(), m.key(), stream, doc, m.value()), ""

@@ -158,8 +158,8 @@ def read_segment(seg: Segment, stats: ReplayStats) -> Iterator[tuple[dt.datetime
                 except orjson.JSONDecodeError as e:
                     stats.problem(f"{where}: skipped, not JSON ({e})")
                     continue
-                errs = schemas.errors(stream, doc)
-                if errs:
+                if not schemas.is_valid(stream, doc):
+                    errs = schemas.errors(stream, doc) or ["(rejected by the compiled validator)"]
                     stats.problem(f"{where}: skipped, breaks the {stream} schema ({errs[0]})")
                     continue
                 yield parse_time(doc["@timestamp"]), stream, doc, line.rstrip(b"\n")

@@ -50,8 +50,8 @@ if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import bcc' 2>/dev/null
 fi
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [[ ! -e "$stamp" ]]; then
-  log "installing xdpwatch with test extras into .venv"
-  .venv/bin/python -m pip install -q -e '.[test]'
+  log "installing xdpwatch with test and bench extras into .venv"
+  .venv/bin/python -m pip install -q -e '.[test,bench]'
   rm -f .venv/.installed-*; touch "$stamp"
 else
   log "python package up to date"
