@@ -14,6 +14,11 @@
 #define RINGBUF_PAGES 64
 #endif
 
+/* TCP ports that count as SSH (--ssh-port); the producer passes an OR of comparisons. */
+#ifndef IS_SSH_PORT
+#define IS_SSH_PORT(p) ((p) == 22)
+#endif
+
 /* VLAN tags (802.1Q / 802.1ad) the parser walks through; deeper stacks count as l3_other. */
 #ifndef MAX_VLAN_TAGS
 #define MAX_VLAN_TAGS 2

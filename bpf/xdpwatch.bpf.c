@@ -6,7 +6,6 @@
  *
  * Maps (read by producer/reader.py):
  *   counters   per-CPU array of {packets, bytes}, indexed by enum counter_id
- *   ssh_ports  array[65536] of u8, set by user space: 1 = SSH port
  *   flows      LRU hash flow_key -> flow_value; user space ends flows (FIN linger, idle,
  *              shutdown) and deletes them; the kernel only creates and updates entries
  *   events     ring buffer of struct flow_event (flow start, flow end on RST)
@@ -49,7 +48,6 @@ struct ipv6_frag {
 };
 
 BPF_PERCPU_ARRAY(counters, struct counter, NR_COUNTERS);
-BPF_ARRAY(ssh_ports, __u8, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
@@ -60,13 +58,6 @@ static __always_inline void count(__u32 idx, __u64 len)
 		c->packets++;
 		c->bytes += len;
 	}
-}
-
-static __always_inline int is_ssh_port(__u16 port)
-{
-	__u32 p = port;
-	__u8 *on = ssh_ports.lookup(&p);
-	return on && *on;
 }
 
 /* Reserve, fill, submit; a full ring buffer is counted, never silent. */
@@ -159,7 +150,8 @@ static __always_inline void parse_l4(void *l4, void *data_end, __u8 proto, int f
 		}
 		__u16 sport = bpf_ntohs(tcp->source);
 		__u16 dport = bpf_ntohs(tcp->dest);
-		int ssh_src = is_ssh_port(sport), ssh_dst = is_ssh_port(dport);
+		/* SSH ports are compiled in (config.h, set from --ssh-port): no map lookup. */
+		int ssh_src = IS_SSH_PORT(sport), ssh_dst = IS_SSH_PORT(dport);
 		if (!ssh_src && !ssh_dst)
 			return;
 		count(C_SSH, len);

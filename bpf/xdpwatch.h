@@ -15,7 +15,7 @@ enum counter_id {
 	C_UDP,
 	C_ICMP,            /* ICMP and ICMPv6 */
 	C_L4_OTHER,
-	C_SSH,             /* TCP with source or destination port in ssh_ports */
+	C_SSH,             /* TCP with source or destination port an SSH port */
 	C_MALFORMED,       /* a header was truncated or invalid; the packet was still passed */
 	C_VLAN,            /* carried at least one VLAN tag */
 	C_FLOWS_STARTED,   /* SSH flow entries created (packets field only) */

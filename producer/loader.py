@@ -81,6 +81,7 @@ class BpfConfig:
             f"-I{BPF_DIR}",
             f"-DFLOW_TABLE_SIZE={self.flow_table_size}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+            "-DIS_SSH_PORT(p)=(" + "||".join(f"(p)=={port}" for port in sorted(set(self.ssh_ports))) + ")",
         ]
 
 
@@ -128,9 +129,6 @@ class XdpProgram:
             raise BpfError(f"loading the XDP program failed: {msg.strip()}") from None
         self._counters = self.bpf[b"counters"]
         self._flows_fd = self.bpf[b"flows"].map_fd
-        ports = self.bpf[b"ssh_ports"]
-        for p in cfg.ssh_ports:
-            ports[ports.Key(p)] = ports.Leaf(1)
         self._callback_error: BaseException | None = None
 
     # ---- counters ----
