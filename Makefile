@@ -4,11 +4,13 @@ PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 DURATION ?= 60
 DEMO_DIR ?= demo-output
+BENCH_OUT ?= bench/results
 
-.PHONY: setup test test-unit test-kernel test-e2e demo clean help
+.PHONY: setup test test-unit test-kernel test-e2e demo bench clean help
 
 help:
 	@echo "make demo       setup, then the whole pipeline for DURATION s (default 60) with a live view"
+	@echo "make bench      setup, then every benchmark side by side (BENCH_QUICK=1: a smoke run)"
 	@echo "make setup      install Debian packages, kernel header links, .venv, test broker (idempotent)"
 	@echo "make test       setup, then every test (unit, kernel, end to end)"
 	@echo "make test-unit  pure-Python tests only (fast, no root)"
@@ -27,6 +29,9 @@ test-kernel: setup
 
 demo: setup
 	$(VENV)/bin/xdpwatch demo --duration $(DURATION) --dir $(DEMO_DIR)
+
+bench: setup
+	$(PY) bench/run.py --out $(BENCH_OUT) $(if $(BENCH_QUICK),--quick,)
 
 test-e2e: setup
 	$(PYTEST) -q tests/e2e

@@ -57,10 +57,19 @@ class Clock:
         return mono_ns + self._offset
 
 
+_ISO_SECONDS: dict[int, str] = {}
+
+
 def iso(wall_ns: int) -> str:
-    """ISO 8601 UTC with microseconds, e.g. 2026-11-24T10:00:00.123456Z."""
+    """ISO 8601 UTC with microseconds, e.g. 2026-11-24T10:00:00.123456Z. The formatted
+    second is cached: events come in bursts within the same few seconds."""
     secs, ns = divmod(wall_ns, 10**9)
-    return dt.datetime.fromtimestamp(secs, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ns // 1000:06d}Z"
+    prefix = _ISO_SECONDS.get(secs)
+    if prefix is None:
+        if len(_ISO_SECONDS) > 4096:
+            _ISO_SECONDS.clear()
+        prefix = _ISO_SECONDS[secs] = dt.datetime.fromtimestamp(secs, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+    return f"{prefix}{ns // 1000:06d}Z"
 
 
 def boot_id() -> str:
@@ -121,6 +130,7 @@ class EventShaper:
     def flow(self, r: FlowReport) -> dict:
         """The document for one flow report."""
         k, v = r.key, r.val
+        cid = community_id(k)
         client = {"ip": k.client_ip, "port": k.client_port}
         server = {"ip": k.server_ip, "port": k.server_port}
         start, end = self.clock.wall_ns(v.first_ns), self.clock.wall_ns(v.last_ns)
@@ -134,14 +144,14 @@ class EventShaper:
         doc = {
             "@timestamp": event["start"] if r.action == "flow_start" else event["end"],
             "event": event,
-            "flow": {"id": f"{self._id_prefix}-f{v.first_ns:x}-{community_id(k)[2:10]}",
+            "flow": {"id": f"{self._id_prefix}-f{v.first_ns:x}-{cid[2:10]}",
                      "midstream": bool(v.midstream)},
             "source": client,
             "destination": server,
             "network": {"transport": "tcp", "type": "ipv4" if k.family == 4 else "ipv6",
                         "packets": v.packets, "bytes": v.bytes,
                         "direction": DIRECTIONS[v.directions],
-                        "community_id": community_id(k)},
+                        "community_id": cid},
             "tcp": {"flags": tcp_flag_names(v.tcp_flags)},
             "observer": self._observer,
         }

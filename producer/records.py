@@ -99,9 +99,12 @@ class FlowEvent(ct.Structure):
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 
 
+_FLAG_LISTS = [tuple(name for bit, name in enumerate(TCP_FLAG_NAMES) if f & (1 << bit)) for f in range(256)]
+
+
 def tcp_flag_names(flags: int) -> list[str]:
     """The TCP flags set in `flags` (the header's flags byte), in header bit order."""
-    return [name for bit, name in enumerate(TCP_FLAG_NAMES) if flags & (1 << bit)]
+    return list(_FLAG_LISTS[flags & 0xFF])
 
 
 def decode_event(data: int | bytes, size: int | None = None) -> FlowEvent:

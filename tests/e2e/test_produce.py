@@ -247,3 +247,21 @@ def test_metrics_and_json_logs(testnet, broker):
     assert len(logs) == len(producer.stderr_lines) >= 2  # every line is JSON
     assert {"@timestamp", "log.level", "log.logger", "message"} <= set(logs[0])
     assert any("attached XDP program" in d["message"] for d in logs)
+
+
+def test_refused_events_are_counted_and_the_exit_code_says_so(testnet, broker_factory):
+    """The broker refuses every packet-counts record (its schema there demands a field we
+    never send): each refusal is counted, none passes for delivered, exit code 3."""
+    broker = broker_factory(value_schemas={COUNTS: {"type": "object", "required": ["no-such-field"]}})
+    args = ["--iface", testnet.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.3"]
+    with ProducerProc(*args) as producer:
+        producer.wait_attached()
+        time.sleep(1.5)
+        rc = producer.stop()
+    assert rc == 3, producer.stderr
+    last = producer.stderr_lines[-1]
+    produced = int(last.split("events were not delivered")[0].split(" of ")[1])
+    assert last.startswith(f"xdpwatch: error: {produced} of {produced} events were not delivered")
+    assert f"events produced {produced}, delivered 0, failed {produced}, undelivered 0" in producer.stderr
+    assert produced >= 4  # an interval every 0.3 s, plus the final one
+    assert "INVALID_RECORD" in producer.stderr or "failed to validate" in producer.stderr.lower()

@@ -1,0 +1,42 @@
+"""`make bench BENCH_QUICK=1`: the benchmark code keeps working. Asserts only that every
+figure was produced (no speed assertion: figures are for reading, see README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def leaves(x, path=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from leaves(v, f"{path}/{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from leaves(v, f"{path}/{i}")
+    else:
+        yield path, x
+
+
+def test_quick_bench_produces_every_figure(tmp_path):
+    r = subprocess.run(["make", "-C", str(ROOT), "bench", "BENCH_QUICK=1", f"BENCH_OUT={tmp_path}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    for part in ("xdp_cost", "events_to_kafka", "counters", "archive_replay", "memory", "scaling"):
+        assert result[part], part
+    missing = [p for p, v in leaves(result) if v is None or v == ""]
+    assert missing == [], missing
+    e = result["events_to_kafka"]
+    assert e["xdpwatch"]["delivered"] == e["xdpwatch"]["events"] and e["xdpwatch"]["failed"] == 0
+    assert e["loss_at_max_rate"]["ring_identity_holds"] and e["loss_at_max_rate"]["nothing_lost"]
+    assert result["archive_replay"]["archiver"]["lines"] == result["archive_replay"]["messages"]
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    assert "1. XDP cost per packet" in r.stdout and "6. Scaling" in r.stdout
