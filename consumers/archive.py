@@ -100,7 +100,8 @@ class _OpenSegment:
         self.lines = self.raw_bytes = 0
         self.opened = time.monotonic()
         self.tmp = directory / f".{topic}.p{partition}.open"
-        self._file = open(self.tmp, "wb")
+        # Evidence: readable by the archiving user only (0600), whatever the umask.
+        self._file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
         self._zw = zstandard.ZstdCompressor(level=level).stream_writer(self._file, closefd=False)
 
     def write(self, offset: int, line: bytes) -> None:
@@ -146,7 +147,7 @@ class Archiver:
     def _take_dir(directory: Path):
         """Create/check the directory and lock it: one archiver per directory."""
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing one keeps its mode
             lock = open(directory / LOCK_NAME, "a")
         except OSError as e:
             raise _storage_error(directory, "opening the archive directory", e) from None

@@ -201,6 +201,7 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
     from confluent_kafka import Consumer, KafkaError, KafkaException
 
     stats = stats if stats is not None else LoopStats()
+    owner = getattr(handler, "owns_offsets", False)
     try:
         consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
     except KafkaException as e:
@@ -211,7 +212,6 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
         except KafkaException as e:
             raise ConsumerError(f"cannot reach Kafka at {conf['bootstrap.servers']} within 15s "
                                 f"({e.args[0].str()}); check --bootstrap-servers") from None
-        owner = getattr(handler, "owns_offsets", False)
         if owner:
             def on_assign(c, partitions):
                 committed = {(p.topic, p.partition): p.offset for p in c.committed(partitions, timeout=15)

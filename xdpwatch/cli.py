@@ -307,18 +307,13 @@ class Action(str, enum.Enum):
     flow_end = "flow_end"
 
 
-class ReplayOutput(str, enum.Enum):
-    stdout = "stdout"
-    kafka = "kafka"
-
-
 @app.command(epilog="Examples: xdpwatch replay --dir archive --source-ip 203.0.113.0/24 --action flow_start | jq . ; "
                     "xdpwatch replay --dir archive --output kafka --bootstrap-servers kafka:9092 "
                     "&& xdpwatch alert --topic-prefix replay --from-beginning --group-id case-42 --output stdout")
 def replay(
     directory: Annotated[Path, typer.Option("--dir", envvar="XDPWATCH_ARCHIVE_DIR", help="Archive directory written by `xdpwatch archive`.")],
     files: Annotated[Optional[list[str]], typer.Argument(metavar="FILE", help="Segment files to replay, relative to --dir (default: all).", show_default=False)] = None,
-    output: Annotated[ReplayOutput, typer.Option(help="stdout (JSON lines) or kafka (topics PREFIX.<stream>).")] = ReplayOutput.stdout,
+    output: Annotated[Output, typer.Option(help="stdout (JSON lines) or kafka (topics PREFIX.<stream>).")] = Output.stdout,
     bootstrap_servers: Annotated[Optional[str], typer.Option(envvar="XDPWATCH_BOOTSTRAP_SERVERS", help="Kafka brokers; needed with --output kafka.")] = None,
     topic_prefix: Annotated[str, typer.Option(help="With --output kafka: write to PREFIX.<stream>. The default keeps replayed events out of the live topics.")] = "replay",
     since: Annotated[Optional[str], typer.Option(metavar="TIME", help="Only events with @timestamp at or after this ISO 8601 time (UTC if no offset).")] = None,
@@ -348,7 +343,7 @@ def replay(
         raise typer.BadParameter(str(e)) from None
     stats = ReplayStats()
     segments = select_inputs(directory, files or [], stats)
-    if output is ReplayOutput.kafka:
+    if output is Output.kafka:
         if not bootstrap_servers:
             raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
         sink = KafkaSink({"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}, topic_prefix,

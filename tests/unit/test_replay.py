@@ -78,6 +78,8 @@ def test_segments_are_zstd_json_lines_named_by_offsets(archive):
         "xdpwatch.ssh-flows.p0.00000000000000000000-00000000000000000002.jsonl.zst"
     out = subprocess.run(["zstdcat", str(directory / names[0])], capture_output=True, check=True).stdout
     assert out.splitlines() == values[0][:3]
+    assert directory.stat().st_mode & 0o777 == 0o700  # evidence: the archiving user's only
+    assert {(directory / n).stat().st_mode & 0o777 for n in names} == {0o600}
 
 
 def test_replay_merges_partitions_by_time_and_keeps_bytes(archive):
