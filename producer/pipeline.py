@@ -94,28 +94,47 @@ class _Run:
             log.warning("ring buffer full: %d flow events lost in the kernel this interval "
                         "(raise --ringbuf-pages)", delta[CounterId.RINGBUF_DROPS][0])
 
+    # Sweeping reads the whole flow table in Python: with a big table it must not take
+    # the loop over. After a sweep that took d seconds, the next one waits at least
+    # SWEEP_BUDGET_FACTOR * d, so sweeping uses at most ~1/(1+factor) of the time; timeouts
+    # then fire up to that much later (still seconds for 100k flows).
+    SWEEP_BUDGET_FACTOR = 10
+
+    def start(self) -> None:
+        """Take the counters' starting point and the schedule; call before step()."""
+        cfg = self.cfg
+        self._interval_ns, self._sweep_ns = int(cfg.interval_s * 1e9), int(cfg.sweep_s * 1e9)
+        self.deltas = CounterDeltas(self.prog.read_counters())
+        self.interval_start = self.clock.monotonic_ns()
+        self._next_interval = self.interval_start + self._interval_ns
+        self._next_sweep = self.interval_start + self._sweep_ns
+
+    def step(self) -> None:
+        """One turn: wait for ring-buffer records (until the next deadline, at most 100 ms),
+        serve Kafka delivery reports, sweep and emit the interval when they are due."""
+        clock = self.clock
+        now = clock.monotonic_ns()
+        wait_ms = max(0, min(self._next_interval, self._next_sweep, now + 100_000_000) - now) // 1_000_000
+        self.prog.poll_events(max(1, wait_ms))
+        self.exporter.poll()
+        now = clock.monotonic_ns()
+        if now >= self._next_sweep:
+            self.tracker.sweep(now)
+            done = clock.monotonic_ns()
+            self._next_sweep = done + max(self._sweep_ns, self.SWEEP_BUDGET_FACTOR * (done - now))
+        if now >= self._next_interval:
+            self._export_interval(now)
+            # Keep a steady cadence; skip intervals we were too busy to emit.
+            n = self._interval_ns
+            self._next_interval += n * max(1, (now - self._next_interval) // n + 1)
+
     def loop(self, stop: threading.Event) -> RunSummary:
         cfg, clock = self.cfg, self.clock
-        interval_ns, sweep_ns = int(cfg.interval_s * 1e9), int(cfg.sweep_s * 1e9)
-        self.deltas = CounterDeltas(self.prog.read_counters())
+        self.start()
         attachment = self.prog.attach(cfg.iface, cfg.xdp_mode)
         try:
-            self.interval_start = clock.monotonic_ns()
-            next_interval = self.interval_start + interval_ns
-            next_sweep = self.interval_start + sweep_ns
             while not stop.is_set():
-                now = clock.monotonic_ns()
-                wait_ms = max(0, min(next_interval, next_sweep, now + 100_000_000) - now) // 1_000_000
-                self.prog.poll_events(max(1, wait_ms))
-                self.exporter.poll()
-                now = clock.monotonic_ns()
-                if now >= next_sweep:
-                    self.tracker.sweep(now)
-                    next_sweep = now + sweep_ns
-                if now >= next_interval:
-                    self._export_interval(now)
-                    # Keep a steady cadence; skip intervals we were too busy to emit.
-                    next_interval += interval_ns * max(1, (now - next_interval) // interval_ns + 1)
+                self.step()
         finally:
             attachment.detach()
         now = clock.monotonic_ns()
