@@ -88,3 +88,47 @@ def test_without_privileges_the_error_names_what_is_missing():
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("xdpwatch: error: not allowed to") and "CAP_BPF" in last, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_sigkill_20_times_while_traffic_flows(testnet):
+    """A producer killed at any moment leaves nothing behind: 20 kill -9 in a row with
+    traffic on the interface, then a clean run has exactly one program attached (ours), and
+    none after it stops."""
+    import threading
+    import time
+
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    net = testnet
+    e = Ether(src=net.cli_mac, dst="02:00:00:00:00:99")
+    frames = [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / UDP(dport=9999) / (b"x" * 64))] * 50 + \
+             [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / TCP(sport=40000 + i, dport=22, flags="S")) for i in range(50)]
+    stop, sent = threading.Event(), [0]
+
+    def traffic():  # bounded: at most 600 batches of 100 frames
+        while not stop.is_set() and sent[0] < 600:
+            net.send_frames(frames)
+            sent[0] += 1
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        for i in range(20):
+            p = ProducerProc(*produce_args(net))
+            p.wait_attached()
+            q = libbpf.xdp_query(ifindex_of(net.iface))
+            assert libbpf.prog_name(q.prog_id) == "xdpwatch", f"round {i}"
+            p.proc.kill()
+            p.proc.wait()
+            time.sleep(0.1 * (i % 3))  # restart at once, or a moment later
+    finally:
+        stop.set()
+        t.join()
+    with ProducerProc(*produce_args(net)) as p:
+        p.wait_attached()
+        q = libbpf.xdp_query(ifindex_of(net.iface))
+        assert q.prog_id and libbpf.prog_name(q.prog_id) == "xdpwatch"
+        assert p.stop() == 0
+    assert libbpf.xdp_query(ifindex_of(net.iface)).prog_id == 0
+    assert sent[0] > 20  # traffic did flow during the kills
