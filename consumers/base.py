@@ -293,12 +293,22 @@ def _b64(b: bytes | None) -> str | None:
     return None if b is None else base64.b64encode(b).decode()
 
 
+# Our documents are under 2 KB; anything near this is not ours (a poison message), and
+# nesting deeper than orjson's limit (1024) is refused by the parser as not-json.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
 def _decode(m) -> tuple[Event | None, str]:
     stream = schemas.stream_of(m.topic())
     if stream is None:
         return None, f"unknown-topic: {m.topic()} is not an xdpwatch stream"
+    value = m.value()
+    if value is None:
+        return None, "empty: a message without a value (tombstone)"
+    if len(value) > MAX_MESSAGE_BYTES:
+        return None, f"too-large: {len(value)} bytes, the limit is {MAX_MESSAGE_BYTES}"
     try:
-        doc = orjson.loads(m.value())
+        doc = orjson.loads(value)
     except (orjson.JSONDecodeError, TypeError) as e:
         return None, f"not-json: {e}"
     if not schemas.is_valid(stream, doc):

@@ -54,7 +54,12 @@ def test_alerts_dead_letters_and_committed_offsets(broker_factory, tmp_path):
     slow = flow_starts("198.51.100.3", 8, 20.0)      # 8 over 140 s: none
     for key, doc in attacker + slow:
         p.produce("xdpwatch.ssh-flows", orjson.dumps(doc), key)
-    poison = [b"\xff not json", orjson.dumps({"event": {"action": "flow_start"}})]
+    good = attacker[0][1]
+    poison = [b"\xff not json", orjson.dumps({"event": {"action": "flow_start"}}),
+              b"[" * 5000 + b"]" * 5000,                                          # nesting beyond the limit
+              orjson.dumps({**good, "pad": "x" * 300_000}),                        # huge
+              orjson.dumps({**good, "source": {"ip": "203.0.113.9", "port": "22"}}),  # wrong type
+              None]                                                                # tombstone
     for raw in poison:
         p.produce("xdpwatch.ssh-flows", raw, b"x")
     assert p.flush(10) == 0
@@ -69,17 +74,18 @@ def test_alerts_dead_letters_and_committed_offsets(broker_factory, tmp_path):
     assert a["source"]["ip"] == "203.0.113.9" and a["xdpwatch"]["evidence"]["count"] == 10
     assert a["xdpwatch"]["evidence"]["first_event_id"] == attacker[0][1]["event"]["id"]
     assert a["xdpwatch"]["evidence"]["last_event_id"] == attacker[9][1]["event"]["id"]
-    assert "20 events handled, 1 alerts, 2 dead-lettered" in r.stderr
+    assert "20 events handled, 1 alerts, 6 dead-lettered" in r.stderr
 
     dead = [orjson.loads(line) for line in dl.read_text().splitlines()]
-    assert [d["reason"].split(":")[0] for d in dead] == ["not-json", "schema"]
-    assert [base64.b64decode(d["value"]) for d in dead] == poison
+    assert [d["reason"].split(":")[0] for d in dead] == ["not-json", "schema", "not-json", "too-large",
+                                                         "schema", "empty"]
+    assert [d["value"] and base64.b64decode(d["value"]) for d in dead] == poison
     assert all(d["topic"] == "xdpwatch.ssh-flows" for d in dead)
 
     # Same group again: everything was committed, nothing is raised or dead-lettered twice.
     r2 = subprocess.run(alert_cmd(broker, dl), capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0 and r2.stdout == "", r2.stderr
-    assert len(dl.read_text().splitlines()) == 2
+    assert len(dl.read_text().splitlines()) == 6
 
 
 def test_bad_rules_file_is_one_line(tmp_path):
