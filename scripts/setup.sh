@@ -12,6 +12,7 @@ APT_PACKAGES=(
   iproute2                                                # ip netns / veth for tests and demo
   openssh-server openssh-client sshpass                   # real sshd + client for SSH tests
   zstd                                                    # zstdcat for archives
+  libcap2-bin                                             # capsh: tests run the producer with 3 capabilities
 )
 
 missing=()

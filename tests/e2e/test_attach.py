@@ -132,3 +132,42 @@ def test_sigkill_20_times_while_traffic_flows(testnet):
         assert p.stop() == 0
     assert libbpf.xdp_query(ifindex_of(net.iface)).prog_id == 0
     assert sent[0] > 20  # traffic did flow during the kills
+
+
+def test_runs_as_an_unprivileged_user_with_three_capabilities(testnet):
+    """As user nobody with only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (ambient): loads,
+    attaches, counts exactly, detaches. Not root, not CAP_SYS_ADMIN."""
+    import json
+    import signal
+    import time
+
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from .env import wait_for
+
+    net = testnet
+    caps = "cap_bpf,cap_net_admin,cap_perfmon"
+    script = (f"grep CapEff /proc/self/status >&2; exec {XDPWATCH} produce --iface {net.iface} "
+              "--output stdout --interval 0.3")
+    p = subprocess.Popen(["capsh", f"--caps={caps},cap_setuid,cap_setgid,cap_setpcap+eip", "--keep=1",
+                          "--user=nobody", f"--addamb={caps}", "--", "-c", script],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HOME": "/tmp"})
+    try:
+        wait_for(lambda: p.poll() is not None or libbpf.xdp_query(ifindex_of(net.iface)).prog_id, 60,
+                 "the unprivileged producer to attach")
+        assert p.poll() is None, p.stderr.read()
+        e = Ether(src=net.cli_mac, dst="02:00:00:00:00:99")
+        net.send_frames([bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / UDP(dport=9999))] * 30)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    eff = int(err.split("CapEff:")[1].split()[0], 16)
+    assert eff == (1 << 39) | (1 << 12) | (1 << 38), hex(eff)  # exactly CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert sum(d["packets"]["udp"] for d in docs if "packets" in d) == 30
+    assert libbpf.xdp_query(ifindex_of(net.iface)).prog_id == 0
