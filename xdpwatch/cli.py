@@ -116,6 +116,8 @@ def produce(
                                                  help="Most SSH flows tracked at once; beyond it the least recent is evicted (and counted).")] = 65536,
     ringbuf_pages: Annotated[int, typer.Option(envvar="XDPWATCH_RINGBUF_PAGES",
                                                help="Ring buffer size in pages (power of two); a full buffer drops events (counted).")] = 64,
+    shutdown_timeout: Annotated[float, typer.Option(envvar="XDPWATCH_SHUTDOWN_TIMEOUT", min=0.0,
+                                                    help="On stop, wait at most this many seconds for Kafka to acknowledge what is queued; the rest is reported (exit 3).")] = 30.0,
     metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.text,
@@ -143,7 +145,7 @@ def produce(
         iface=iface, interval_s=interval, xdp_mode=xdp_mode.value, bpf=bpf_cfg,
         timeouts=FlowTimeouts(idle_ns=int(flow_idle_timeout * 1e9), active_ns=int(flow_active_timeout * 1e9),
                               fin_linger_ns=int(flow_fin_linger * 1e9)),
-        sweep_s=min(1.0, interval),
+        sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout,
     )
     from .producer.loader import ifindex_of
     ifindex_of(iface)  # fail on a bad interface before touching Kafka
