@@ -12,7 +12,6 @@ import argparse
 import cProfile
 import ctypes as ct
 import datetime as dt
-import json
 import os
 import platform
 import pstats
@@ -28,11 +27,11 @@ from pathlib import Path
 
 import orjson
 
-from xdpwatch import __version__, schemas
+from xdpwatch import __version__
 from xdpwatch.consumers.archive import Archiver
 from xdpwatch.consumers.base import LoopStats, consumer_conf, run_loop
 from xdpwatch.consumers.replay import Filters, ReplayStats, replay, select_inputs
-from xdpwatch.lab import Broker, Net, free_port, sh, wait_for
+from xdpwatch.lab import Broker, Net, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
@@ -374,9 +373,8 @@ class ProducerUnderTest:
     """`xdpwatch produce` on the lab's veth, as a user runs it."""
 
     def __init__(self, net: Net, broker: Broker, *extra: str):
-        self.net, self.metrics = net, free_port()
         self.proc = subprocess.Popen([XDPWATCH, "produce", "--iface", net.iface, "--bootstrap-servers", broker.bootstrap,
-                                      "--metrics-port", str(self.metrics), *extra],
+                                      *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()

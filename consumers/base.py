@@ -313,4 +313,4 @@ def _decode(m) -> tuple[Event | None, str]:
         return None, f"not-json: {e}"
     if not schemas.is_valid(stream, doc):
         return None, f"schema: {'; '.join(schemas.errors(stream, doc)[:3])}"
-    return Event(m.topic(), m.partition(), m.offset(), m.key(), stream, doc, m.value()), ""
+    return Event(m.topic(), m.partition(), m.offset(), m.key(), stream, doc, value), ""

@@ -62,19 +62,16 @@ def parse_time(text: str) -> dt.datetime:
 @dataclass
 class ReplayStats:
     files: int = 0
-    read: int = 0
     replayed: int = 0
     filtered: int = 0
     bad_lines: int = 0
     bad_files: int = 0
-    problems: list[str] = field(default_factory=list)
 
     def problem(self, text: str, bad_file: bool = False) -> None:
         if bad_file:
             self.bad_files += 1
         else:
             self.bad_lines += 1
-        self.problems.append(text)
         log.warning("%s", text)
 
 
@@ -148,7 +145,6 @@ def read_segment(seg: Segment, stats: ReplayStats) -> Iterator[tuple[dt.datetime
     try:
         with open(seg.path, "rb") as f:
             for n, line in enumerate(zstd_lines(f), 1):
-                stats.read += 1
                 where = f"{seg.path.name}:{n}"
                 if not line.endswith(b"\n"):
                     stats.problem(f"{where}: skipped, truncated line (no newline at end of segment)")

@@ -77,8 +77,9 @@ class _Run:
         delta = self.deltas.delta(current)
         evicted = self.tracker.evicted - self._evicted_reported
         self._evicted_reported = self.tracker.evicted
+        active = self.tracker.active  # counts the tracked flows: once per interval
         doc = self.shaper.packet_counts(self.clock.wall_ns(self.interval_start), self.clock.wall_ns(now_ns),
-                                        delta, evicted, self.tracker.active, final)
+                                        delta, evicted, active, final)
         self._export("packet-counts", doc)
         self.interval_start = now_ns
         self.clock.resync()
@@ -89,7 +90,7 @@ class _Run:
         s.ringbuf_drops = current[CounterId.RINGBUF_DROPS][0]
         s.flows_evicted = self.tracker.evicted
         if self.metrics is not None:
-            self.metrics.snapshot = Snapshot(current, self.tracker.active, self.tracker.evicted, s.intervals)
+            self.metrics.snapshot = Snapshot(current, active, self.tracker.evicted, s.intervals)
         if delta[CounterId.RINGBUF_DROPS][0]:
             log.warning("ring buffer full: %d flow events lost in the kernel this interval "
                         "(raise --ringbuf-pages)", delta[CounterId.RINGBUF_DROPS][0])

@@ -254,10 +254,8 @@ def alert(
                                        stats.handled, sink.count, stats.dead_lettered)
 
 
-class Stream(str, enum.Enum):
-    packet_counts = "packet-counts"
-    ssh_flows = "ssh-flows"
-    alerts = "alerts"
+# The streams of the contract (schemas/), as a choice for --stream.
+Stream = enum.Enum("Stream", {name.replace("-", "_"): name for name in schemas.names()}, type=str)
 
 
 StreamOpt = Annotated[list[Stream], typer.Option("--stream", help="Only this stream; repeat for several (default: all).")]

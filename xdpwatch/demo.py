@@ -25,14 +25,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
 from . import schemas
-from .lab import Broker, LabError, Net, Sshd, free_port, sh, wait_for
+from .lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for
 
 DEMO_NET = 0  # names xw0-*, xwc0, xwbr0; subnet 198.18.0.0/24 (tests use 1-250)
 BRUTE_FORCE_ATTEMPTS = 15
@@ -79,19 +78,6 @@ class Proc:
 
 def xdpwatch(*args: str) -> list[str]:
     return [sys.executable, "-m", "xdpwatch", *args]
-
-
-def scrape(port: int) -> dict[str, float]:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def metric_sum(m: dict[str, float], prefix: str) -> float:

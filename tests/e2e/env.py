@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpwatch.lab import Broker, Net, Sshd, free_port, sh, wait_for  # noqa: F401
+from xdpwatch.lab import Broker, Net, Sshd, free_port, scrape, sh, wait_for  # noqa: F401
 
 SENDFRAMES = Path(__file__).resolve().parent.parent / "sendframes.py"
 

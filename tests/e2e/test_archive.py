@@ -211,8 +211,7 @@ def test_read_only_directory_is_a_clear_error(broker_factory, tmp_path):
 
 
 def test_consumer_metrics(broker_factory, tmp_path):
-    from .env import free_port, wait_for
-    from .test_produce import scrape
+    from .env import free_port, scrape, wait_for
 
     broker = broker_factory()
     create_topic(broker)
@@ -221,10 +220,7 @@ def test_consumer_metrics(broker_factory, tmp_path):
     with XdpwatchProc("archive", *archive_cmd(broker, tmp_path / "a", tmp_path / "dl.jsonl", "--roll-seconds", "0.5",
                                               "--metrics-port", str(port))[2:]) as proc:
         def settled():
-            try:
-                m = scrape(port)
-            except OSError:  # not listening yet
-                return None
+            m = scrape(port)  # {} until it listens
             lag = [v for k, v in m.items() if k.startswith("xdpwatch_consumer_lag{")]
             return m if len(lag) == 3 and sum(lag) == 0 and m.get(
                 'xdpwatch_archive_lines_total{command="archive"}') == 40 else None

@@ -205,17 +205,8 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     assert sum(d["flows"]["started"] for d in counts) == 1
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Prometheus text format → {'name{labels}': value}."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
-
-
 def test_metrics_and_json_logs(testnet, broker):
-    from .env import free_port
+    from .env import free_port, scrape
 
     net = testnet
     port = free_port()
