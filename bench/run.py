@@ -373,8 +373,9 @@ class ProducerUnderTest:
     """`xdpwatch produce` on the lab's veth, as a user runs it."""
 
     def __init__(self, net: Net, broker: Broker, *extra: str):
+        self.spool = tempfile.TemporaryDirectory(prefix="xw-bench-spool-")
         self.proc = subprocess.Popen([XDPWATCH, "produce", "--iface", net.iface, "--bootstrap-servers", broker.bootstrap,
-                                      *extra],
+                                      "--spool-dir", self.spool.name, *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
@@ -404,6 +405,7 @@ class ProducerUnderTest:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+        self.spool.cleanup()
 
 
 SENDER = r"""

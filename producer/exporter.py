@@ -1,7 +1,8 @@
 """Where events leave the producer. An Exporter takes (stream, key, JSON bytes).
 
 KafkaExporter is the real one (confluent-kafka: idempotent, acks=all, zstd, delivery
-reports counted); StdoutExporter prints JSON lines for a quick look without Kafka.
+reports counted, overflow to an on-disk Spool while Kafka is away); StdoutExporter prints
+JSON lines for a quick look without Kafka.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from .. import schemas
 from .errors import BrokerError, ConfigError
+from .spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,11 @@ KAFKA_DEFAULTS = {
 
 @dataclass
 class DeliveryStats:
-    produced: int = 0
+    produced: int = 0   # handed to librdkafka
     delivered: int = 0
     failed: int = 0
+    spooled: int = 0    # waiting in the on-disk spool (sent by a later turn or run)
+    dropped: int = 0    # neither queued nor spooled: queue and spool full, or no spool
 
     @property
     def pending(self) -> int:
@@ -50,15 +54,25 @@ class Exporter(Protocol):
 
 
 class KafkaExporter:
+    # Spooled events sent per turn of the run loop, so that draining a big spool never
+    # keeps the loop from the ring buffer for long.
+    DRAIN_BATCH = 5000
+
     def __init__(self, bootstrap: str, topic_prefix: str, extra: dict[str, str] | None = None,
-                 client_id: str = "xdpwatch-producer"):
-        from confluent_kafka import KafkaException, Producer
+                 client_id: str = "xdpwatch-producer", spool: Spool | None = None):
+        from confluent_kafka import KafkaError, KafkaException, Producer
 
         self.topics = {s: schemas.topic(topic_prefix, s) for s in ("packet-counts", "ssh-flows")}
+        self._stream_of = {t: s for s, t in self.topics.items()}
         self._headers = {s: schemas.headers(s) for s in self.topics}
         self.conf = {"bootstrap.servers": bootstrap, "client.id": client_id, **KAFKA_DEFAULTS, **(extra or {})}
         self.stats = DeliveryStats()
-        self._last_error_log = 0.0
+        self.spool = spool
+        self._returned: list | None = None  # collects purged events at shutdown
+        self._last_error_log = self._last_drop_log = 0.0
+        if spool is not None and len(spool):
+            log.warning("spool %s holds %d events from an earlier run: sending them first", spool.dir, len(spool))
+        self._purged_codes = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
         try:
             self._producer = Producer(self.conf, logger=logging.getLogger("librdkafka"))
         except KafkaException as e:
@@ -97,6 +111,9 @@ class KafkaExporter:
     def _on_delivery(self, err, msg) -> None:
         if err is None:  # only with delivery.report.only.error overridden by -X
             return
+        if self._returned is not None and err.code() in self._purged_codes:
+            self._returned.append((self._stream_of[msg.topic()], msg.key(), msg.value()))
+            return
         self.stats.failed += 1
         now = time.monotonic()
         if now - self._last_error_log > 5:
@@ -104,20 +121,59 @@ class KafkaExporter:
             log.error("delivery to %s failed: %s (%d failed so far)", msg.topic(), err.str(), self.stats.failed)
 
     def export(self, stream: str, key: bytes | None, value: bytes) -> None:
-        topic = self.topics[stream]
-        while True:
-            try:
-                self._producer.produce(topic, value, key, headers=self._headers[stream],
-                                       on_delivery=self._on_delivery)
-                self.stats.produced += 1
-                break
-            except BufferError:
-                # Local queue full: serve delivery reports until there is room.
-                self._producer.poll(0.1)
         # Delivery reports are served by poll(), once per turn of the run loop, not per event.
+        if self.spool is not None and len(self.spool):
+            self._overflow(stream, key, value)  # behind what is spooled: order is kept
+        elif not self._produce(stream, key, value):
+            self._overflow(stream, key, value)
+
+    def _produce(self, stream: str, key: bytes | None, value: bytes) -> bool:
+        """Queue one event in librdkafka; False when its local queue is full."""
+        try:
+            self._producer.produce(self.topics[stream], value, key, headers=self._headers[stream],
+                                   on_delivery=self._on_delivery)
+        except BufferError:
+            return False
+        self.stats.produced += 1
+        return True
+
+    def _overflow(self, stream: str, key: bytes | None, value: bytes) -> None:
+        spool = self.spool
+        if spool is not None:
+            if not len(spool):
+                log.warning("Kafka's local queue is full (%d events waiting for the broker): spooling to %s",
+                            len(self._producer), spool.dir)
+            if spool.append(stream, key, value):
+                return
+        self.stats.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log > 5:
+            self._last_drop_log = now
+            where = (f"spool {spool.dir} is full ({spool.bytes} bytes, raise --spool-max-mb)" if spool is not None
+                     else "no spool (--spool-max-mb 0)")
+            log.error("event dropped: Kafka's local queue is full and %s (%d dropped so far)", where,
+                      self.stats.dropped)
+
+    def _drain_spool(self, batch: int) -> None:
+        spool = self.spool
+        for _ in range(batch):
+            record = spool.peek()
+            if record is None:
+                break
+            if record[0] not in self.topics:  # not written by this program
+                log.error("spool %s: skipped a record of unknown stream %r", spool.dir, record[0])
+                self.stats.dropped += 1
+            elif not self._produce(*record):
+                break
+            spool.pop()
+            if not len(spool):
+                log.info("spool drained: every spooled event is queued for Kafka")
 
     def poll(self) -> None:
         self._producer.poll(0)
+        if self.spool is not None and len(self.spool):
+            self._drain_spool(self.DRAIN_BATCH)
+            self.stats.spooled = len(self.spool)
         self._count_delivered()
 
     def _count_delivered(self) -> None:
@@ -125,8 +181,30 @@ class KafkaExporter:
         s.delivered = s.produced - s.failed - len(self._producer)
 
     def close(self, timeout: float) -> DeliveryStats:
-        remaining = self._producer.flush(timeout)
-        self._count_delivered()
+        """Send what is queued and spooled for at most `timeout` s. With a spool, what Kafka
+        did not take by then is written back to it for the next run (an event whose
+        acknowledgement was lost in flight may then be sent twice: same event.id)."""
+        deadline = time.monotonic() + timeout
+        spool = self.spool
+        while spool is not None and len(spool) and time.monotonic() < deadline:
+            self._drain_spool(self.DRAIN_BATCH)
+            self._producer.poll(0.05)
+        remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
+        if remaining and spool is not None:
+            # Take every message back from librdkafka (its purge reports serve each one
+            # to _on_delivery) into the front of the spool.
+            self._returned = []
+            self._producer.purge()
+            self._producer.poll(0)
+            self.stats.produced -= spool.prepend(self._returned)
+            self._returned = None
+            self.stats.delivered = self.stats.produced - self.stats.failed
+            remaining = 0
+        else:
+            self._count_delivered()
+        if spool is not None:
+            self.stats.spooled = len(spool)
+            spool.close()
         if remaining:
             log.error("%d events still undelivered after %.0fs", remaining, timeout)
         return self.stats

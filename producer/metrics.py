@@ -53,8 +53,10 @@ class ProducerMetrics:
         d = self.delivery
         for name, value, text in (("produced", d.produced, "Events handed to Kafka"),
                                   ("delivered", d.delivered, "Events acknowledged by Kafka"),
-                                  ("failed", d.failed, "Events Kafka refused or that timed out")):
+                                  ("failed", d.failed, "Events Kafka refused or that timed out"),
+                                  ("dropped", d.dropped, "Events lost: Kafka's local queue and the spool were full")):
             yield _one(CounterMetricFamily, f"xdpwatch_events_{name}", text, iface, value)
+        yield _one(GaugeMetricFamily, "xdpwatch_events_spooled", "Events waiting in the on-disk spool", iface, d.spooled)
 
 
 def _one(cls, name: str, text: str, iface: str, value: float):

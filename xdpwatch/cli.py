@@ -71,6 +71,17 @@ def kafka_options(pairs: list[str]) -> dict[str, str]:
     return conf
 
 
+def open_spool(directory: Path, max_mb: int):
+    from .producer.errors import ConfigError
+    from .producer.spool import Spool
+
+    try:
+        return Spool(directory, max_mb << 20)
+    except OSError as e:
+        raise ConfigError(f"cannot use spool directory {directory} ({e.strerror}): choose another with --spool-dir, "
+                          "or run without a spool with --spool-max-mb 0") from None
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"xdpwatch {__version__}")
@@ -117,7 +128,11 @@ def produce(
     ringbuf_pages: Annotated[int, typer.Option(envvar="XDPWATCH_RINGBUF_PAGES",
                                                help="Ring buffer size in pages (power of two); a full buffer drops events (counted).")] = 64,
     shutdown_timeout: Annotated[float, typer.Option(envvar="XDPWATCH_SHUTDOWN_TIMEOUT", min=0.0,
-                                                    help="On stop, wait at most this many seconds for Kafka to acknowledge what is queued; the rest is reported (exit 3).")] = 30.0,
+                                                    help="On stop, wait at most this many seconds for Kafka to acknowledge what is queued; the rest is spooled for the next start (exit 3).")] = 30.0,
+    spool_dir: Annotated[Path, typer.Option(envvar="XDPWATCH_SPOOL_DIR", file_okay=False,
+                                            help="Where events wait on disk while Kafka is away longer than librdkafka's queue lasts (queue.buffering.max.messages); sent first on the next start.")] = Path("/var/lib/xdpwatch/spool"),
+    spool_max_mb: Annotated[int, typer.Option(envvar="XDPWATCH_SPOOL_MAX_MB", min=0,
+                                              help="Most disk the spool may use; beyond it events are dropped and counted (exit 3). 0: no spool, drop and count as soon as the queue is full.")] = 1024,
     metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.text,
@@ -153,7 +168,8 @@ def produce(
     if output is Output.kafka:
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
-        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option))
+        spool = open_spool(spool_dir, spool_max_mb) if spool_max_mb else None
+        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option), spool=spool)
         exporter.ensure_topics(topic_partitions, topic_replication)
     else:
         exporter = StdoutExporter()
@@ -170,12 +186,16 @@ def produce(
     d = summary.delivery
     logging.getLogger("xdpwatch").info(
         "stopped: %d packets, %d SSH flows (%d evicted), %d ring-buffer drops; events produced %d, "
-        "delivered %d, failed %d, undelivered %d",
+        "delivered %d, failed %d, undelivered %d, spooled %d, dropped %d",
         summary.packets, summary.flows_started, summary.flows_evicted, summary.ringbuf_drops,
-        d.produced, d.delivered, d.failed, d.pending)
-    if d.failed or d.pending:
-        raise DeliveryError(f"{d.failed + d.pending} of {d.produced} events were not delivered to Kafka "
-                            "(see the errors above)")
+        d.produced, d.delivered, d.failed, d.pending, d.spooled, d.dropped)
+    lost = d.failed + d.pending + d.dropped
+    if lost:
+        raise DeliveryError(f"{lost} of {d.produced + d.dropped} events were not delivered to Kafka "
+                            "(see the errors above)" + (f"; {d.spooled} more wait in the spool" if d.spooled else ""))
+    if d.spooled:
+        raise DeliveryError(f"Kafka did not take every event before the shutdown timeout: {d.spooled} wait in "
+                            f"the spool {spool_dir} and are sent first at the next start")
 
 
 def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix,

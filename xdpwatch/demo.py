@@ -254,7 +254,8 @@ class Demo:
         fast = ["-X", "session.timeout.ms=6000"]  # Tansu's first group join takes half of it
         procs["produce"] = Proc("produce", xdpwatch("produce", "--iface", net.iface, *bs, "--interval", "1",
                                                     "--flow-idle-timeout", "10", "--flow-fin-linger", "0.5",
-                                                    "--metrics-port", str(prod_port)), logs)
+                                                    "--metrics-port", str(prod_port),
+                                                    "--spool-dir", str(self.workdir / "spool")), logs)
         wait_for(lambda: self._alive(procs["produce"]) and "attached XDP program" in procs["produce"].log(),
                  60, "the producer to attach")
         say(f"producer attached to {net.iface} (metrics on :{prod_port})")

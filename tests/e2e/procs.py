@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,8 +67,18 @@ class XdpwatchProc:
 
 
 class ProducerProc(XdpwatchProc):
-    def __init__(self, *args: str, env: dict | None = None):
-        super().__init__("produce", *args, env=env)
+    """`xdpwatch produce`, spooling to a directory of its own (`spool_dir`, made fresh and
+    removed afterwards unless given): no test sends another test's leftovers."""
+
+    def __init__(self, *args: str, env: dict | None = None, spool_dir: Path | None = None):
+        self._own_spool = spool_dir is None
+        self.spool_dir = Path(tempfile.mkdtemp(prefix="xw-spool-")) if spool_dir is None else spool_dir
+        super().__init__("produce", *args, env={"XDPWATCH_SPOOL_DIR": str(self.spool_dir), **(env or {})})
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self._own_spool:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     def wait_attached(self) -> None:
         self.wait_for_log("attached XDP program")

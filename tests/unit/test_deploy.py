@@ -75,6 +75,13 @@ def test_producer_has_what_xdp_needs_and_no_more():
     mounts = {v.split(":")[0]: v for v in p["volumes"]}
     assert mounts["/lib/modules"].endswith(":ro") and mounts["/usr/src"].endswith(":ro")
     assert env_of(p)["XDPWATCH_IFACE"] == "eth0"
+    # The spool (events waiting for Kafka) outlives the container, where the producer looks.
+    import inspect
+
+    from xdpwatch import cli
+
+    default = inspect.signature(cli.produce).parameters["spool_dir"].default
+    assert f"spool:{default}" in p["volumes"] and "spool" in COMPOSE["volumes"]
 
 
 def test_kafka_listeners_match_what_clients_use():
