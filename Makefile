@@ -6,7 +6,7 @@ DURATION ?= 60
 DEMO_DIR ?= demo-output
 BENCH_OUT ?= bench/results
 
-.PHONY: setup test test-unit test-kernel test-e2e demo bench clean help
+.PHONY: setup test test-soak test-unit test-kernel test-e2e demo bench clean help
 
 help:
 	@echo "make demo       setup, then the whole pipeline for DURATION s (default 60) with a live view"
@@ -14,12 +14,18 @@ help:
 	@echo "make setup      install Debian packages, kernel header links, .venv, test broker (idempotent)"
 	@echo "make test       setup, then every test (unit, kernel, end to end)"
 	@echo "make test-unit  pure-Python tests only (fast, no root)"
+	@echo "make test-soak  long crash and outage variants (60 s broker outages, 100 kill -9)"
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	$(PYTEST) -q -ra tests
+
+# The long variants of the crash and outage tests: 60 s broker outages, 100 producer and
+# 40 archiver kill -9 (about 10 minutes).
+test-soak: setup
+	XDPWATCH_SOAK=1 $(PYTEST) -q -ra tests/e2e/test_outage.py tests/e2e/test_attach.py tests/e2e/test_archive.py
 
 test-unit: setup
 	$(PYTEST) -q tests/unit

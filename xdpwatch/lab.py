@@ -62,32 +62,61 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 
 # ---------------------------------------------------------------------------- broker
 class Broker:
-    """Tansu on a free loopback port, in memory. With `value_schemas`, it validates every
+    """Tansu on a free loopback port. In memory by default; with `durable`, its storage is
+    an S3 bucket served by a local moto server, so the broker process can be killed or
+    stopped (`kill`, `stop_process`) and started again (`start`) on the same port with its
+    topics, records and producer state intact. With `value_schemas`, it validates every
     record's value against the JSON Schema of its topic and refuses invalid ones."""
 
-    def __init__(self, value_schemas: dict[str, dict] | None = None):
+    def __init__(self, value_schemas: dict[str, dict] | None = None, durable: bool = False):
         if not TANSU.exists():
             raise LabError(f"{TANSU} missing: run `make setup`")
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="xw-broker-"))
-        argv = [str(TANSU), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
-                "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}", "--storage-engine", "memory://tansu/"]
+        self.argv = [str(TANSU), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
+                     "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}"]
         if value_schemas:
             registry = self.dir / "registry"
             registry.mkdir()
             for topic, schema in value_schemas.items():
                 record = {"type": "object", "properties": {"value": schema}}
                 (registry / f"{topic}.json").write_text(json.dumps(record))
-            argv += ["--schema-registry", "file://./registry"]  # relative: absolute is misread
-        self.log = open(self.dir / "broker.log", "wb")
-        env = {k: v for k, v in os.environ.items() if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL")}
-        self.proc = subprocess.Popen(argv, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            self.argv += ["--schema-registry", "file://./registry"]  # relative: absolute is misread
+        self.env = {k: v for k, v in os.environ.items() if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL")}
+        self.s3 = None
+        if durable:
+            self.s3 = S3Server(self.dir)
+            self.argv += ["--storage-engine", "s3://tansu/"]
+            self.env.update(self.s3.client_env())
+        else:
+            self.argv += ["--storage-engine", "memory://tansu/"]
+        self.log = open(self.dir / "broker.log", "ab")
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the broker process on its port."""
+        self.proc = subprocess.Popen(self.argv, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         try:
             wait_for(self._ready, 20, f"the broker on {self.bootstrap}")
         except AssertionError:
             self.stop()
             raise LabError(f"broker did not start:\n{(self.dir / 'broker.log').read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the broker process: a crash, as its clients see it."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop_process(self) -> None:
+        """Stop the broker process (SIGTERM), keeping its storage for `start`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -106,15 +135,50 @@ class Broker:
         return set(AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=5).topics)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            self.stop_process()
+        if self.s3 is not None:
+            self.s3.stop()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class S3Server:
+    """moto's S3 server on a free loopback port with one bucket, `tansu`: storage for the
+    broker that outlives the broker's process."""
+
+    MOTO = VENV_BIN / "moto_server"
+
+    def __init__(self, workdir: Path):
+        if not self.MOTO.exists():
+            raise LabError(f"{self.MOTO} missing: run `make setup`")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / "s3.log", "wb")
+        self.proc = subprocess.Popen([str(self.MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._create_bucket, 20, f"the S3 server on {self.url}", interval=0.2)
+
+    def client_env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT": self.url, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "xdpwatch",
+                "AWS_SECRET_ACCESS_KEY": "xdpwatch", "AWS_DEFAULT_REGION": "eu-west-2"}
+
+    def _create_bucket(self) -> bool:
+        if self.proc.poll() is not None:
+            raise LabError(f"moto_server exited {self.proc.returncode}:\n{Path(self.log.name).read_text()[-2000:]}")
+        import urllib.request
+
+        try:  # S3 CreateBucket: PUT /<bucket>
+            urllib.request.urlopen(urllib.request.Request(f"{self.url}/tansu", method="PUT"), timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        self.log.close()
 
 
 # ---------------------------------------------------------------------------- network

@@ -4,15 +4,22 @@ fails loudly when a prerequisite is missing (run `make setup`); none is ever ski
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
+from xdpwatch import schemas
 from xdpwatch.lab import Broker, Net, Sshd, free_port, scrape, sh, wait_for  # noqa: F401
 
 SENDFRAMES = Path(__file__).resolve().parent.parent / "sendframes.py"
+NOBODY_MAC = "02:00:00:00:00:99"  # owned by no interface: frames are seen by XDP, answered by nobody
+# `make test-soak` (XDPWATCH_SOAK=1) runs the long variants: longer outages, more crashes.
+SOAK = os.environ.get("XDPWATCH_SOAK") == "1"
 
 
 @dataclass
@@ -55,6 +62,19 @@ def consume_all(bootstrap: str, topic: str, *, min_messages: int = 0, idle_timeo
         c.close()
 
 
+def documents(broker, topic, **kw):
+    """Every message of `topic`: checked headers, decoded and schema-checked documents."""
+    stream = topic.split(".", 1)[1]
+    docs = []
+    for m in consume_all(broker.bootstrap, topic, **kw):
+        headers = dict(m.headers)
+        assert headers["content-type"] == b"application/json"
+        assert headers["schema-id"] == schemas.schema_id(stream).encode()
+        doc = orjson.loads(m.value)
+        assert schemas.errors(stream, doc) == []
+        docs.append((m.key, doc))
+    return docs
+
 
 class TestNet(Net):
     __test__ = False
@@ -65,3 +85,11 @@ class TestNet(Net):
                       capture_output=True, timeout=60)
         if r.returncode != 0 or int(r.stdout) != len(frames):
             raise AssertionError(f"sendframes: rc={r.returncode} out={r.stdout!r} err={r.stderr!r}")
+
+    def ssh_syns(self, sports) -> list[bytes]:
+        """One SYN to the server's port 22 from each source port: one new SSH flow each."""
+        from scapy.layers.inet import IP, TCP
+        from scapy.layers.l2 import Ether
+
+        head = Ether(src=self.cli_mac, dst=NOBODY_MAC) / IP(src=self.cli_ip, dst=self.srv_ip)
+        return [bytes(head / TCP(sport=p, dport=22, flags="S")) for p in sports]

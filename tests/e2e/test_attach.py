@@ -13,6 +13,7 @@ import pytest
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import ifindex_of
 
+from .env import SOAK
 from .procs import XDPWATCH, ProducerProc
 
 pytestmark = pytest.mark.e2e
@@ -105,16 +106,17 @@ def test_sigkill_20_times_while_traffic_flows(testnet):
     frames = [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / UDP(dport=9999) / (b"x" * 64))] * 50 + \
              [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / TCP(sport=40000 + i, dport=22, flags="S")) for i in range(50)]
     stop, sent = threading.Event(), [0]
+    rounds = 100 if SOAK else 20
 
-    def traffic():  # bounded: at most 600 batches of 100 frames
-        while not stop.is_set() and sent[0] < 600:
+    def traffic():  # bounded: at most 30 batches of 100 frames per round
+        while not stop.is_set() and sent[0] < 30 * rounds:
             net.send_frames(frames)
             sent[0] += 1
 
     t = threading.Thread(target=traffic)
     t.start()
     try:
-        for i in range(20):
+        for i in range(rounds):
             p = ProducerProc(*produce_args(net))
             p.wait_attached()
             q = libbpf.xdp_query(ifindex_of(net.iface))

@@ -17,34 +17,19 @@ from xdpwatch import schemas
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import ifindex_of
 
-from .env import consume_all
+from .env import NOBODY_MAC, documents
 from .procs import ProducerProc
 
 pytestmark = pytest.mark.e2e
 
 PREFIX = "xdpwatch"
 COUNTS, FLOWS = f"{PREFIX}.packet-counts", f"{PREFIX}.ssh-flows"
-NOBODY_MAC = "02:00:00:00:00:99"  # owned by no interface: frames are seen by XDP, answered by nobody
 
 
 @pytest.fixture
 def broker(broker_factory):
     return broker_factory(value_schemas={COUNTS: schemas.load("packet-counts"),
                                          FLOWS: schemas.load("ssh-flows")})
-
-
-def documents(broker, topic, **kw):
-    """Every message of `topic`: checked headers, decoded and schema-checked documents."""
-    stream = topic.split(".", 1)[1]
-    docs = []
-    for m in consume_all(broker.bootstrap, topic, **kw):
-        headers = dict(m.headers)
-        assert headers["content-type"] == b"application/json"
-        assert headers["schema-id"] == schemas.schema_id(stream).encode()
-        doc = orjson.loads(m.value)
-        assert schemas.errors(stream, doc) == []
-        docs.append((m.key, doc))
-    return docs
 
 
 class Traffic:
@@ -256,25 +241,3 @@ def test_refused_events_are_counted_and_the_exit_code_says_so(testnet, broker_fa
     assert f"events produced {produced}, delivered 0, failed {produced}, undelivered 0" in producer.stderr
     assert produced >= 4  # an interval every 0.3 s, plus the final one
     assert "INVALID_RECORD" in producer.stderr or "failed to validate" in producer.stderr.lower()
-
-
-def test_stop_while_the_broker_is_down_is_bounded_and_reported(testnet, broker_factory):
-    """The broker goes away; SIGTERM then waits at most --shutdown-timeout for Kafka,
-    reports how many events were not delivered, and exits 3."""
-    broker = broker_factory()
-    args = ["--iface", testnet.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.3",
-            "--shutdown-timeout", "3"]
-    with ProducerProc(*args) as producer:
-        producer.wait_attached()
-        time.sleep(1.0)
-        broker.stop()
-        time.sleep(1.5)  # intervals keep being produced into the local queue
-        rc = producer.stop(timeout=30)  # fails the test if the wait is not bounded (librdkafka's is 5 min)
-    assert rc == 3, producer.stderr
-    summary = next(line for line in producer.stderr_lines if "stopped:" in line)
-    produced = int(summary.split("events produced ")[1].split(",")[0])
-    delivered = int(summary.split("delivered ")[1].split(",")[0])
-    undelivered = int(summary.split("undelivered ")[1])
-    assert undelivered > 0 and delivered + undelivered == produced, summary
-    assert producer.stderr_lines[-1] == (f"xdpwatch: error: {undelivered} of {produced} events were not "
-                                         "delivered to Kafka (see the errors above)")

@@ -1,0 +1,137 @@
+"""Kafka outages, end to end: the real XDP program on a veth, `xdpwatch produce`, and a
+Tansu broker whose storage outlives its process (S3 on a local moto server), so it can be
+stopped or killed with SIGKILL and started again. Nothing may be lost or duplicated: events
+wait in librdkafka's queue, then in the on-disk spool, and are sent once the broker is back.
+
+The broker stays down 6 s (`make test-soak`: 60 s).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+
+import pytest
+
+from .env import SOAK, documents, wait_for
+from .procs import ProducerProc
+
+pytestmark = pytest.mark.e2e
+
+COUNTS, FLOWS = "xdpwatch.packet-counts", "xdpwatch.ssh-flows"
+OUTAGE_S = 60 if SOAK else 6
+QUEUE = 40  # librdkafka's local queue, in events: small, so that the outage overflows it
+
+
+def summary_of(producer) -> dict[str, int]:
+    """The counts of the producer's last log line before exiting ("stopped: … events produced N, …")."""
+    line = next(s for s in producer.stderr_lines if "stopped:" in s)
+    return {k: int(v) for k, v in re.findall(r"(produced|delivered|failed|undelivered|spooled|dropped) (\d+)", line)}
+
+
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_broker_outage_loses_and_duplicates_nothing(testnet, broker_factory, tmp_path, how):
+    broker = broker_factory(durable=True)
+    net = testnet
+    args = ["--iface", net.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.2",
+            "--flow-idle-timeout", "600", "-X", f"queue.buffering.max.messages={QUEUE}",
+            "-X", "reconnect.backoff.max.ms=500"]
+    sports = iter(range(20000, 30000))
+    sent = []
+
+    def send(n: int) -> None:
+        batch = [next(sports) for _ in range(n)]
+        net.send_frames(net.ssh_syns(batch))
+        sent.extend(batch)
+
+    with ProducerProc(*args, spool_dir=tmp_path / "spool") as producer:
+        producer.wait_attached()
+        send(30)
+        time.sleep(1)
+        broker.kill() if how == "kill -9" else broker.stop_process()
+        down_at = time.monotonic()
+        while time.monotonic() - down_at < OUTAGE_S:  # flows and intervals keep coming
+            send(50)
+            time.sleep(1)
+        producer.wait_for_log("spooling to", timeout=5)
+        assert list((tmp_path / "spool").glob("*.spool")), "the outage overflowed into the spool"
+        broker.start()
+        send(30)
+        producer.wait_for_log("spool drained", timeout=60)
+        rc = producer.stop()
+    assert rc == 0, producer.stderr
+    s = summary_of(producer)
+    assert s["produced"] == s["delivered"] and s["failed"] == s["undelivered"] == s["spooled"] == s["dropped"] == 0, s
+    assert not list((tmp_path / "spool").glob("*.spool"))
+
+    flows = documents(broker, FLOWS, min_messages=2 * len(sent))
+    counts = [d for _, d in documents(broker, COUNTS)]
+    ids = [d["event"]["id"] for _, d in flows] + [d["event"]["id"] for d in counts]
+    assert len(ids) == len(set(ids)) == s["delivered"], "each event exactly once in Kafka"
+    per_flow = collections.defaultdict(list)
+    for _, d in flows:  # in partition order; one flow's events share a key, so a partition
+        per_flow[d["source"]["port"]].append(d["event"]["action"])
+    assert set(per_flow) == set(sent)
+    assert all(actions == ["flow_start", "flow_end"] for actions in per_flow.values())
+    assert sum(d["packets"]["total"] for d in counts) == sum(d["packets"]["ssh"] for d in counts) == len(sent)
+    assert sum(d["flows"]["started"] for d in counts) == len(sent)
+    assert sum(d["drops"]["ringbuf"] for d in counts) == 0
+    spooled = int(next(line for line in producer.stderr_lines if "spooling to" in line).split("(")[1].split()[0])
+    print(f"\n[{how}] broker down {OUTAGE_S:.0f}s: {len(sent)} flows, {s['delivered']} events "
+          f"({len(counts)} intervals), spooled after {spooled} queued; each exactly once")
+
+
+def test_stop_while_the_broker_is_down_spools_for_the_next_start(testnet, broker_factory, tmp_path):
+    """The broker goes away; SIGTERM waits at most --shutdown-timeout, writes what Kafka did
+    not take to the spool, says so, exits 3. The next start sends it first."""
+    spool = tmp_path / "spool"
+    broker = broker_factory(durable=True)
+    args = ["--iface", testnet.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.3",
+            "--shutdown-timeout", "3"]
+    with ProducerProc(*args, spool_dir=spool) as producer:
+        producer.wait_attached()
+        time.sleep(1.0)
+        broker.stop_process()
+        time.sleep(1.5)  # intervals keep being produced into the local queue
+        stopped_at = time.monotonic()
+        rc = producer.stop(timeout=30)
+    assert time.monotonic() - stopped_at < 15
+    assert rc == 3, producer.stderr
+    first = summary_of(producer)
+    assert first["spooled"] > 0 and first["failed"] == first["undelivered"] == first["dropped"] == 0, first
+    assert first["produced"] == first["delivered"]  # what Kafka never took is not counted as produced
+    assert producer.stderr_lines[-1] == (
+        f"xdpwatch: error: Kafka did not take every event before the shutdown timeout: {first['spooled']} wait "
+        f"in the spool {spool} and are sent first at the next start")
+
+    broker.start()
+    with ProducerProc(*args, spool_dir=spool) as producer:
+        producer.wait_attached()
+        producer.wait_for_log("spool drained", timeout=30)
+        rc = producer.stop()
+    assert rc == 0, producer.stderr
+    assert f"holds {first['spooled']} events from an earlier run" in producer.stderr
+    second = summary_of(producer)
+    counts = [d for _, d in documents(broker, COUNTS)]
+    assert len(counts) == first["delivered"] + second["delivered"]  # the second run sent the spooled ones
+    assert len({d["event"]["id"] for d in counts}) == len(counts)
+    assert sum(1 for d in counts if d["interval"].get("final")) == 2  # one per run: the first one's was spooled
+    assert not list(spool.glob("*.spool"))
+
+
+def test_without_a_spool_overflow_is_dropped_and_counted(testnet, broker_factory):
+    broker = broker_factory()
+    args = ["--iface", testnet.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.05",
+            "--spool-max-mb", "0", "--shutdown-timeout", "1", "-X", "queue.buffering.max.messages=5"]
+    with ProducerProc(*args) as producer:
+        producer.wait_attached()
+        broker.stop()
+        wait_for(lambda: any("event dropped" in line for line in producer.stderr_lines), 10, "a drop")
+        rc = producer.stop()
+    assert rc == 3, producer.stderr
+    s = summary_of(producer)
+    assert s["dropped"] > 0 and s["spooled"] == 0
+    assert "no spool (--spool-max-mb 0)" in producer.stderr
+    assert producer.stderr_lines[-1].startswith(
+        f"xdpwatch: error: {s['dropped'] + s['undelivered']} of {s['produced'] + s['dropped']} events were not delivered")
