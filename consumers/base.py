@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 import threading
 import time
@@ -114,18 +115,29 @@ class KafkaDeadLetter:
         self._p.flush(30)
 
 
+def _unreachable(client, conf: dict, timeout: float, exc, errors) -> ConsumerError:
+    """Why Kafka could not be reached, in librdkafka's own words where it said more than
+    'transport failure' (a refused TLS certificate, a failed SASL login...)."""
+    from confluent_kafka import KafkaError
+
+    client.poll(0)  # serves the error callbacks queued meanwhile
+    cause = next((e.str() for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN), exc.args[0].str())
+    return ConsumerError(f"cannot reach Kafka at {conf['bootstrap.servers']} within {timeout:.0f}s ({cause}); "
+                         "check --bootstrap-servers, that the broker is up, and the TLS/SASL settings (-X)")
+
+
 def ensure_topics(conf: dict, topics: list[str], partitions: int = 3, replication: int = 1,
                   timeout: float = 15.0) -> None:
     """Fail fast when Kafka is unreachable; create the topics a consumer writes to if missing."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient(conf, logger=logging.getLogger("librdkafka"))
+    errors: collections.deque = collections.deque(maxlen=20)
+    admin = AdminClient({**conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as e:
-        raise ConsumerError(f"cannot reach Kafka at {conf['bootstrap.servers']} within {timeout:.0f}s "
-                            f"({e.args[0].str()}); check --bootstrap-servers") from None
+        raise _unreachable(admin, conf, timeout, e, errors) from None
     missing = [t for t in topics if t not in existing]
     if not missing:
         return
@@ -202,16 +214,16 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
 
     stats = stats if stats is not None else LoopStats()
     owner = getattr(handler, "owns_offsets", False)
+    errors: collections.deque = collections.deque(maxlen=20)
     try:
-        consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
+        consumer = Consumer({**conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
     except KafkaException as e:
         raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
     try:
         try:
             consumer.list_topics(timeout=15)
         except KafkaException as e:
-            raise ConsumerError(f"cannot reach Kafka at {conf['bootstrap.servers']} within 15s "
-                                f"({e.args[0].str()}); check --bootstrap-servers") from None
+            raise _unreachable(consumer, conf, 15, e, errors) from None
         if owner:
             def on_assign(c, partitions):
                 committed = {(p.topic, p.partition): p.offset for p in c.committed(partitions, timeout=15)

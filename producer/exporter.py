@@ -7,6 +7,7 @@ JSON lines for a quick look without Kafka.
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 import time
@@ -80,17 +81,22 @@ class KafkaExporter:
 
     def ensure_topics(self, partitions: int, replication: int, timeout: float = 15.0) -> None:
         """Fail fast when the broker is unreachable; create missing topics."""
-        from confluent_kafka import KafkaException
+        from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import AdminClient, NewTopic
 
         admin_conf = {k: v for k, v in self.conf.items() if k not in KAFKA_DEFAULTS and k != "client.id"}
-        admin = AdminClient(admin_conf, logger=logging.getLogger("librdkafka"))
+        errors: collections.deque = collections.deque(maxlen=20)
+        admin = AdminClient({**admin_conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
         bootstrap = self.conf["bootstrap.servers"]
         try:
             existing = admin.list_topics(timeout=timeout).topics
         except KafkaException as e:
-            raise BrokerError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s ({e.args[0].str()}); "
-                              "check --bootstrap-servers and that the broker is up") from None
+            # librdkafka's own reason where it said more than "transport failure" (a
+            # refused TLS certificate, a failed SASL login...); poll serves its callbacks.
+            admin.poll(0)
+            cause = next((x.str() for x in errors if x.code() != KafkaError._ALL_BROKERS_DOWN), e.args[0].str())
+            raise BrokerError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s ({cause}); "
+                              "check --bootstrap-servers, that the broker is up, and the TLS/SASL settings (-X)") from None
         missing = [t for t in self.topics.values() if t not in existing]
         if not missing:
             return

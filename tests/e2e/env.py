@@ -5,8 +5,12 @@ fails loudly when a prerequisite is missing (run `make setup`); none is ever ski
 from __future__ import annotations
 
 import os
+import select
+import socket
+import ssl
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +37,13 @@ class Record:
 
 
 def consume_all(bootstrap: str, topic: str, *, min_messages: int = 0, idle_timeout: float = 2.0,
-                timeout: float = 30.0) -> list[Record]:
+                timeout: float = 30.0, conf: dict | None = None) -> list[Record]:
     """Every record of `topic` from the beginning (assign, no group), ordered by partition and
     offset. Returns once `min_messages` arrived and nothing new came for `idle_timeout`."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xw-test-reader", "enable.auto.commit": False})
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xw-test-reader", "enable.auto.commit": False,
+                  **(conf or {})})
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:
@@ -93,3 +98,88 @@ class TestNet(Net):
 
         head = Ether(src=self.cli_mac, dst=NOBODY_MAC) / IP(src=self.cli_ip, dst=self.srv_ip)
         return [bytes(head / TCP(sport=p, dport=22, flags="S")) for p in sports]
+
+
+def make_certs(directory: Path, san: str) -> dict[str, Path]:
+    """A throwaway CA and a server certificate signed by it for `san` ("IP:127.0.0.1" or
+    "DNS:name"): PEM files ca.pem, server.pem, server.key in `directory`."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("xdpwatch test CA")).issuer_name(name("xdpwatch test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    kind, value = san.split(":", 1)
+    alt = x509.IPAddress(ipaddress.ip_address(value)) if kind == "IP" else x509.DNSName(value)
+    cert = (x509.CertificateBuilder().subject_name(name(value)).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    files = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(pem))
+    files["cert"].write_bytes(cert.public_bytes(pem))
+    files["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return files
+
+
+class TlsFront:
+    """A TLS listener on 127.0.0.1:`port` in front of a plaintext broker port (`target`, set
+    once the broker runs): what a TLS-enabled Kafka looks like to a client. (Tansu 0.6.0
+    takes --cert/--key but never uses them.)"""
+
+    def __init__(self, cert: Path, key: Path):
+        self.port = free_port()
+        self.target: int | None = None
+        self.handshake_errors: list[str] = []
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(cert, key)
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw) -> None:
+        try:
+            tls = self._ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            self.handshake_errors.append(str(e))
+            raw.close()
+            return
+        up = socket.create_connection(("127.0.0.1", self.target))
+        try:  # one thread per connection touches the TLS socket: OpenSSL objects are not shared
+            while True:
+                readable = [tls] if tls.pending() else select.select([tls, up], [], [])[0]
+                for src, dst in ((tls, up), (up, tls)):
+                    if src in readable:
+                        data = src.recv(65536)
+                        if not data:
+                            return
+                        dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            tls.close()
+            up.close()
+
+    def close(self) -> None:
+        self._listener.close()
