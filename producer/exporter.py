@@ -60,7 +60,7 @@ class KafkaExporter:
     DRAIN_BATCH = 5000
 
     def __init__(self, bootstrap: str, topic_prefix: str, extra: dict[str, str] | None = None,
-                 client_id: str = "xdpwatch-producer", spool: Spool | None = None):
+                 client_id: str = "xdpwatch-producer"):
         from confluent_kafka import KafkaError, KafkaException, Producer
 
         self.topics = {s: schemas.topic(topic_prefix, s) for s in ("packet-counts", "ssh-flows")}
@@ -68,16 +68,20 @@ class KafkaExporter:
         self._headers = {s: schemas.headers(s) for s in self.topics}
         self.conf = {"bootstrap.servers": bootstrap, "client.id": client_id, **KAFKA_DEFAULTS, **(extra or {})}
         self.stats = DeliveryStats()
-        self.spool = spool
+        self.spool: Spool | None = None
         self._returned: list | None = None  # collects purged events at shutdown
         self._last_error_log = self._last_drop_log = 0.0
-        if spool is not None and len(spool):
-            log.warning("spool %s holds %d events from an earlier run: sending them first", spool.dir, len(spool))
         self._purged_codes = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
         try:
             self._producer = Producer(self.conf, logger=logging.getLogger("librdkafka"))
         except KafkaException as e:
             raise ConfigError(f"invalid Kafka setting: {e.args[0].str()}") from None
+
+    def use_spool(self, spool: Spool) -> None:
+        """Overflow to `spool` from now on; what an earlier run left there is sent first."""
+        self.spool = spool
+        if len(spool):
+            log.warning("spool %s holds %d events from an earlier run: sending them first", spool.dir, len(spool))
 
     def ensure_topics(self, partitions: int, replication: int, timeout: float = 15.0) -> None:
         """Fail fast when the broker is unreachable; create missing topics."""

@@ -129,7 +129,7 @@ def produce(
                                                help="Ring buffer size in pages (power of two); a full buffer drops events (counted).")] = 64,
     shutdown_timeout: Annotated[float, typer.Option(envvar="XDPWATCH_SHUTDOWN_TIMEOUT", min=0.0,
                                                     help="On stop, wait at most this many seconds for Kafka to acknowledge what is queued; the rest is spooled for the next start (exit 3).")] = 30.0,
-    spool_dir: Annotated[Path, typer.Option(envvar="XDPWATCH_SPOOL_DIR", file_okay=False,
+    spool_dir: Annotated[Path, typer.Option(envvar="XDPWATCH_SPOOL_DIR", file_okay=False, readable=False,
                                             help="Where events wait on disk while Kafka is away longer than librdkafka's queue lasts (queue.buffering.max.messages); sent first on the next start.")] = Path("/var/lib/xdpwatch/spool"),
     spool_max_mb: Annotated[int, typer.Option(envvar="XDPWATCH_SPOOL_MAX_MB", min=0,
                                               help="Most disk the spool may use; beyond it events are dropped and counted (exit 3). 0: no spool, drop and count as soon as the queue is full.")] = 1024,
@@ -168,9 +168,10 @@ def produce(
     if output is Output.kafka:
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
-        spool = open_spool(spool_dir, spool_max_mb) if spool_max_mb else None
-        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option), spool=spool)
+        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option))
         exporter.ensure_topics(topic_partitions, topic_replication)
+        if spool_max_mb:  # after Kafka answered: a wrong broker address leaves no trace on disk
+            exporter.use_spool(open_spool(spool_dir, spool_max_mb))
     else:
         exporter = StdoutExporter()
 

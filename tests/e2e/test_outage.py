@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import collections
 import re
+import subprocess
 import time
 
 import pytest
 
 from .env import SOAK, documents, wait_for
-from .procs import ProducerProc
+from .procs import XDPWATCH, ProducerProc
 
 pytestmark = pytest.mark.e2e
 
@@ -135,3 +136,13 @@ def test_without_a_spool_overflow_is_dropped_and_counted(testnet, broker_factory
     assert "no spool (--spool-max-mb 0)" in producer.stderr
     assert producer.stderr_lines[-1].startswith(
         f"xdpwatch: error: {s['dropped'] + s['undelivered']} of {s['produced'] + s['dropped']} events were not delivered")
+
+
+def test_an_unusable_spool_directory_is_a_clear_error(testnet, broker_factory):
+    broker = broker_factory()
+    r = subprocess.run([XDPWATCH, "produce", "--iface", testnet.iface, "--bootstrap-servers", broker.bootstrap,
+                        "--spool-dir", "/proc/xdpwatch-spool"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "xdpwatch: error: cannot use spool directory /proc/xdpwatch-spool (No such file or directory): choose "
+        "another with --spool-dir, or run without a spool with --spool-max-mb 0")

@@ -82,8 +82,10 @@ def dead_end_exporter(spool: Spool | None, queue: int = 5) -> KafkaExporter:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return KafkaExporter(f"127.0.0.1:{port}", "xdpwatch", {"queue.buffering.max.messages": str(queue),
-                                                           "log_level": "0"}, spool=spool)
+    ex = KafkaExporter(f"127.0.0.1:{port}", "xdpwatch", {"queue.buffering.max.messages": str(queue), "log_level": "0"})
+    if spool is not None:
+        ex.use_spool(spool)
+    return ex
 
 
 def test_exporter_spools_the_overflow_in_order_and_writes_back_the_queue_at_close(tmp_path):
