@@ -29,4 +29,27 @@
 #define MAX_IPV6_EXT_HDRS 6
 #endif
 
+/* Prevention (produce --dry-run / --enforce): 0 = monitor only (no lookups at all),
+ * 1 = dry run (count what would be dropped, pass it), 2 = enforce (drop). */
+#ifndef ENFORCE_MODE
+#define ENFORCE_MODE 0
+#endif
+
+/* Most prefixes in each of the block and allow lists (per address family). */
+#ifndef BLOCKLIST_SIZE
+#define BLOCKLIST_SIZE 16384
+#endif
+
+/* New SSH connections (SYNs) per second allowed per source, 0 = no limit (--syn-rate-limit),
+ * and how many may come at once (--syn-burst). */
+#ifndef SYN_RATE
+#define SYN_RATE 0
+#endif
+#ifndef SYN_BURST
+#define SYN_BURST 1
+#endif
+#ifndef SYN_RATE_TABLE_SIZE
+#define SYN_RATE_TABLE_SIZE 65536
+#endif
+
 #endif

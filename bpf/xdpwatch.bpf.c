@@ -1,14 +1,21 @@
 // SPDX-License-Identifier: GPL-2.0
 /* xdpwatch: count every packet by class and track SSH flows, at the XDP hook.
  *
- * Monitor only: every path returns XDP_PASS. Headers are bounds-checked before every read;
- * a truncated or invalid header is counted as `malformed` and the packet is passed.
+ * Monitor only by default (ENFORCE_MODE 0): every path returns XDP_PASS. With enforcement
+ * compiled in (produce --dry-run / --enforce), packets from a blocklisted source, and SSH
+ * SYNs over their source's rate limit, are counted and, in enforce mode, dropped; an
+ * allowlisted source is never dropped. Headers are bounds-checked before every read; a
+ * truncated or invalid header is counted as `malformed` and the packet is passed.
  *
- * Maps (read by producer/reader.py):
+ * Maps (read by producer/loader.py and producer/enforcement.py):
  *   counters   per-CPU array of {packets, bytes}, indexed by enum counter_id
  *   flows      LRU hash flow_key -> flow_value; user space ends flows (FIN linger, idle,
  *              shutdown) and deletes them; the kernel only creates and updates entries
  *   events     ring buffer of struct flow_event (flow start, flow end on RST)
+ *   block_v4/6 LPM tries of blocked source prefixes -> what matched them (user space
+ *              adds and removes entries, enforcing their TTL)
+ *   allow_v4/6 LPM tries of sources never dropped (loopback, management networks)
+ *   syn_rate   LRU hash source -> its SYN budget (GCRA), when SYN_RATE > 0
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -50,6 +57,16 @@ struct ipv6_frag {
 BPF_PERCPU_ARRAY(counters, struct counter, NR_COUNTERS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_LPM_TRIE(block_v4, struct lpm_v4, struct block_value, BLOCKLIST_SIZE);
+BPF_LPM_TRIE(block_v6, struct lpm_v6, struct block_value, BLOCKLIST_SIZE);
+BPF_LPM_TRIE(allow_v4, struct lpm_v4, __u8, BLOCKLIST_SIZE);
+BPF_LPM_TRIE(allow_v6, struct lpm_v6, __u8, BLOCKLIST_SIZE);
+#if SYN_RATE
+BPF_TABLE("lru_hash", struct src_key, __u64, syn_rate, SYN_RATE_TABLE_SIZE);
+#endif
+
+/* The verdict for a packet enforcement catches: dropped only in enforce mode. */
+#define CAUGHT (ENFORCE_MODE == 2 ? XDP_DROP : XDP_PASS)
 
 static __always_inline void count(__u32 idx, __u64 len)
 {
@@ -134,26 +151,86 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 		emit(key, &nv, EV_FLOW_END_RST);
 }
 
+/* Enforcement by source address, before anything else is parsed: an allowlisted source
+ * passes (and *allowed is set, exempting it from the SYN limit); a blocklisted one is
+ * counted on its entry and CAUGHT. */
+static __always_inline int check_source(void *saddr, int family, __u64 len, int *allowed)
+{
+#if ENFORCE_MODE
+	struct block_value *b;
+	if (family == 4) {
+		struct lpm_v4 k = {.prefixlen = 32};
+		__builtin_memcpy(k.addr, saddr, 4);
+		if (allow_v4.lookup(&k)) {
+			*allowed = 1;
+			return XDP_PASS;
+		}
+		b = block_v4.lookup(&k);
+	} else {
+		struct lpm_v6 k = {.prefixlen = 128};
+		__builtin_memcpy(k.addr, saddr, 16);
+		if (allow_v6.lookup(&k)) {
+			*allowed = 1;
+			return XDP_PASS;
+		}
+		b = block_v6.lookup(&k);
+	}
+	if (b) {
+		__sync_fetch_and_add(&b->packets, 1);
+		__sync_fetch_and_add(&b->bytes, len);
+		count(C_BLOCKED, len);
+		return CAUGHT;
+	}
+#endif
+	return XDP_PASS;
+}
+
+/* GCRA: a source may open SYN_BURST connections at once, then SYN_RATE per second.
+ * `tat` is the theoretical arrival time of its next SYN. Races between CPUs can let a
+ * SYN or two more through; never fewer. */
+static __always_inline int syn_over_limit(struct flow_key *key)
+{
+#if ENFORCE_MODE && SYN_RATE
+	const __u64 interval = 1000000000ULL / SYN_RATE;
+	const __u64 tolerance = interval * (SYN_BURST - 1);
+	__u64 now = bpf_ktime_get_ns();
+	struct src_key sk = {};
+	__builtin_memcpy(sk.addr, key->client_addr, 16);
+	sk.family = key->family;
+	__u64 *tat = syn_rate.lookup(&sk);
+	if (!tat) {
+		__u64 next = now + interval;
+		syn_rate.update(&sk, &next);
+		return 0;
+	}
+	__u64 t = *tat > now ? *tat : now;
+	if (t - now > tolerance)
+		return 1;
+	*tat = t + interval;
+#endif
+	return 0;
+}
+
 /* L4 of an IP packet whose L3 header was valid. `l4` points after the IP headers;
- * `first_frag` is 0 for non-first fragments (no L4 header in them). */
-static __always_inline void parse_l4(void *l4, void *data_end, __u8 proto, int first_frag,
-				     struct flow_key *key, __u64 len)
+ * `first_frag` is 0 for non-first fragments (no L4 header in them). Returns the verdict. */
+static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int first_frag,
+				    struct flow_key *key, __u64 len, int allowed)
 {
 	if (proto == IPPROTO_TCP) {
 		count(C_TCP, len);
 		if (!first_frag)
-			return;
+			return XDP_PASS;
 		struct tcphdr *tcp = l4;
 		if ((void *)(tcp + 1) > data_end || tcp->doff < 5) {
 			count(C_MALFORMED, len);
-			return;
+			return XDP_PASS;
 		}
 		__u16 sport = bpf_ntohs(tcp->source);
 		__u16 dport = bpf_ntohs(tcp->dest);
 		/* SSH ports are compiled in (config.h, set from --ssh-port): no map lookup. */
 		int ssh_src = IS_SSH_PORT(sport), ssh_dst = IS_SSH_PORT(dport);
 		if (!ssh_src && !ssh_dst)
-			return;
+			return XDP_PASS;
 		count(C_SSH, len);
 		key->proto = IPPROTO_TCP;
 		/* Both ports SSH ports (e.g. 2222 <-> 22): the lower port is the server, so both
@@ -170,7 +247,15 @@ static __always_inline void parse_l4(void *l4, void *data_end, __u8 proto, int f
 		} else {
 			key->client_port = sport;
 			key->server_port = dport;
-			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_SERVER, len);
+			__u8 flags = ((__u8 *)tcp)[13];
+			/* A new connection (SYN without ACK) over its source's limit: counted, and in
+			 * enforce mode dropped before it becomes a flow. */
+			if (SYN_RATE && (flags & (TH_SYN | TH_ACK)) == TH_SYN && !allowed && syn_over_limit(key)) {
+				count(C_SYN_LIMITED, len);
+				if (CAUGHT == XDP_DROP)
+					return XDP_DROP;
+			}
+			track_flow(key, flags, DIR_TO_SERVER, len);
 		}
 	} else if (proto == IPPROTO_UDP) {
 		count(C_UDP, len);
@@ -181,36 +266,45 @@ static __always_inline void parse_l4(void *l4, void *data_end, __u8 proto, int f
 	} else {
 		count(C_L4_OTHER, len);
 	}
+	return XDP_PASS;
 }
 
-static __always_inline void parse_ipv4(void *cur, void *data_end, __u64 len)
+static __always_inline int parse_ipv4(void *cur, void *data_end, __u64 len)
 {
 	struct iphdr *ip = cur;
 	if ((void *)(ip + 1) > data_end) {
 		count(C_MALFORMED, len);
-		return;
+		return XDP_PASS;
 	}
 	__u32 hlen = ip->ihl * 4;
 	if (hlen < sizeof(*ip) || cur + hlen > data_end) {
 		count(C_MALFORMED, len);
-		return;
+		return XDP_PASS;
 	}
+	int allowed = 0;
+	int verdict = check_source(&ip->saddr, 4, len, &allowed);
+	if (verdict != XDP_PASS)
+		return verdict;
 	struct flow_key key = {};
 	key.family = 4;
 	/* packet source/destination; parse_l4 flips them when the source is the server */
 	__builtin_memcpy(key.client_addr, &ip->saddr, 4);
 	__builtin_memcpy(key.server_addr, &ip->daddr, 4);
 	int first_frag = (ip->frag_off & bpf_htons(0x1FFF)) == 0;
-	parse_l4(cur + hlen, data_end, ip->protocol, first_frag, &key, len);
+	return parse_l4(cur + hlen, data_end, ip->protocol, first_frag, &key, len, allowed);
 }
 
-static __always_inline void parse_ipv6(void *cur, void *data_end, __u64 len)
+static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len)
 {
 	struct ipv6hdr *ip6 = cur;
 	if ((void *)(ip6 + 1) > data_end) {
 		count(C_MALFORMED, len);
-		return;
+		return XDP_PASS;
 	}
+	int allowed = 0;
+	int verdict = check_source(&ip6->saddr, 6, len, &allowed);
+	if (verdict != XDP_PASS)
+		return verdict;
 	__u8 nexthdr = ip6->nexthdr;
 	void *l4 = ip6 + 1;
 	int first_frag = 1;
@@ -222,7 +316,7 @@ static __always_inline void parse_ipv6(void *cur, void *data_end, __u64 len)
 			struct ipv6_ext *ext = l4;
 			if ((void *)(ext + 1) > data_end) {
 				count(C_MALFORMED, len);
-				return;
+				return XDP_PASS;
 			}
 			/* AH counts its length in 4-byte units minus 2 (RFC 4302), the others in
 			 * 8-byte units minus 1 (RFC 8200): decided by this header's own type. */
@@ -231,14 +325,14 @@ static __always_inline void parse_ipv6(void *cur, void *data_end, __u64 len)
 			nexthdr = ext->nexthdr;
 			if (l4 + hlen > data_end) { /* body truncated */
 				count(C_MALFORMED, len);
-				return;
+				return XDP_PASS;
 			}
 			l4 += hlen;
 		} else if (nexthdr == IPPROTO_FRAGMENT) {
 			struct ipv6_frag *fh = l4;
 			if ((void *)(fh + 1) > data_end) {
 				count(C_MALFORMED, len);
-				return;
+				return XDP_PASS;
 			}
 			nexthdr = fh->nexthdr;
 			l4 = fh + 1;
@@ -256,7 +350,7 @@ static __always_inline void parse_ipv6(void *cur, void *data_end, __u64 len)
 	key.family = 6;
 	__builtin_memcpy(key.client_addr, &ip6->saddr, 16);
 	__builtin_memcpy(key.server_addr, &ip6->daddr, 16);
-	parse_l4(l4, data_end, nexthdr, first_frag, &key, len);
+	return parse_l4(l4, data_end, nexthdr, first_frag, &key, len, allowed);
 }
 
 int xdpwatch(struct xdp_md *ctx)
@@ -294,10 +388,10 @@ int xdpwatch(struct xdp_md *ctx)
 
 	if (proto == ETH_P_IP) {
 		count(C_IPV4, len);
-		parse_ipv4(cur, data_end, len);
+		return parse_ipv4(cur, data_end, len);
 	} else if (proto == ETH_P_IPV6) {
 		count(C_IPV6, len);
-		parse_ipv6(cur, data_end, len);
+		return parse_ipv6(cur, data_end, len);
 	} else if (proto == ETH_P_ARP) {
 		count(C_ARP, len);
 	} else {

@@ -21,6 +21,8 @@ enum counter_id {
 	C_FLOWS_STARTED,   /* SSH flow entries created (packets field only) */
 	C_RINGBUF_DROPS,   /* flow events lost because the ring buffer was full (packets field only) */
 	C_EVENTS_SUBMITTED,/* flow events written to the ring buffer (packets field only) */
+	C_BLOCKED,         /* from a blocklisted source: dropped (enforce) or would have been (dry run) */
+	C_SYN_LIMITED,     /* SSH SYNs over their source's rate limit: dropped, or would have been */
 	NR_COUNTERS,
 };
 
@@ -68,6 +70,30 @@ struct flow_event {
 	struct flow_key key;
 	__u32 type;           /* enum flow_event_type */
 	__u32 _pad;
+};
+
+/* Block and allow list keys (LPM tries): prefix length, then the address in network order. */
+struct lpm_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Per blocklist entry: what matched it while it was in place. */
+struct block_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Key of the SYN rate limiter: one source address. */
+struct src_key {
+	__u8 addr[16];
+	__u8 family;
+	__u8 _pad[3];
 };
 
 #endif

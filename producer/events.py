@@ -38,6 +38,8 @@ DIRECTIONS = {DIR_TO_SERVER: "inbound", DIR_TO_CLIENT: "outbound", DIR_TO_SERVER
 
 EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_update": ["connection", "info"],
                "flow_end": ["connection", "end"]}
+ENFORCEMENT_TYPES = {"block_applied": ["denied", "creation"], "block_removed": ["deletion"],
+                     "block_expired": ["deletion"], "command_rejected": ["info"]}
 
 
 class Clock:
@@ -98,6 +100,7 @@ class EventShaper:
     interface: str
     clock: Clock = field(default_factory=Clock)
     hostname: str = field(default_factory=socket.gethostname)
+    enforce_mode: str = "off"  # off | dry_run | enforce: packet-counts carry `enforcement` unless off
 
     def __post_init__(self) -> None:
         self._id_prefix = f"{self.hostname}-{boot_id()}-{time.time_ns():x}"
@@ -115,7 +118,7 @@ class EventShaper:
                     "duration_ms": round((end_wall_ns - start_wall_ns) / 1e6, 3)}
         if final:
             interval["final"] = True
-        return {
+        doc = {
             "@timestamp": interval["end"],
             "event": {"id": self._next_id(), "kind": "metric", "module": "xdpwatch",
                       "dataset": "xdpwatch.packet_counts"},
@@ -126,6 +129,21 @@ class EventShaper:
             "drops": {"ringbuf": delta[CounterId.RINGBUF_DROPS][0]},
             "flows": {"started": delta[CounterId.FLOWS_STARTED][0], "evicted": evicted, "active": active},
         }
+        if self.enforce_mode != "off":
+            doc["enforcement"] = {"mode": self.enforce_mode, **{
+                name: {"packets": delta[cid][0], "bytes": delta[cid][1]}
+                for name, cid in (("blocked", CounterId.BLOCKED), ("syn_limited", CounterId.SYN_LIMITED))}}
+        return doc
+
+    def enforcement(self, action: str, fields: dict, reason: str | None = None) -> dict:
+        """An enforcement event (schemas/enforcement.v1.json): a block applied, removed,
+        expired, or a command rejected, with its cause in `fields`."""
+        event = {"id": self._next_id(), "kind": "event", "module": "xdpwatch", "dataset": "xdpwatch.enforcement",
+                 "category": ["network"], "type": ENFORCEMENT_TYPES[action], "action": action}
+        if reason:
+            event["reason"] = reason
+        return {"@timestamp": iso(time.time_ns()), "event": event, "observer": self._observer,
+                "xdpwatch": {"enforcement": fields}}
 
     def flow(self, r: FlowReport) -> dict:
         """The document for one flow report."""

@@ -60,10 +60,10 @@ class KafkaExporter:
     DRAIN_BATCH = 5000
 
     def __init__(self, bootstrap: str, topic_prefix: str, extra: dict[str, str] | None = None,
-                 client_id: str = "xdpwatch-producer"):
+                 client_id: str = "xdpwatch-producer", streams: tuple[str, ...] = ("packet-counts", "ssh-flows")):
         from confluent_kafka import KafkaError, KafkaException, Producer
 
-        self.topics = {s: schemas.topic(topic_prefix, s) for s in ("packet-counts", "ssh-flows")}
+        self.topics = {s: schemas.topic(topic_prefix, s) for s in streams}
         self._stream_of = {t: s for s, t in self.topics.items()}
         self._headers = {s: schemas.headers(s) for s in self.topics}
         self.conf = {"bootstrap.servers": bootstrap, "client.id": client_id, **KAFKA_DEFAULTS, **(extra or {})}
@@ -83,8 +83,10 @@ class KafkaExporter:
         if len(spool):
             log.warning("spool %s holds %d events from an earlier run: sending them first", spool.dir, len(spool))
 
-    def ensure_topics(self, partitions: int, replication: int, timeout: float = 15.0) -> None:
-        """Fail fast when the broker is unreachable; create missing topics."""
+    def ensure_topics(self, partitions: int, replication: int, timeout: float = 15.0,
+                      single_partition: tuple[str, ...] = ()) -> None:
+        """Fail fast when the broker is unreachable; create missing topics (those in
+        `single_partition` with one partition: one order for all their messages)."""
         from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -101,12 +103,12 @@ class KafkaExporter:
             cause = next((x.str() for x in errors if x.code() != KafkaError._ALL_BROKERS_DOWN), e.args[0].str())
             raise BrokerError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s ({cause}); "
                               "check --bootstrap-servers, that the broker is up, and the TLS/SASL settings (-X)") from None
-        missing = [t for t in self.topics.values() if t not in existing]
+        missing = [t for t in (*self.topics.values(), *single_partition) if t not in existing]
         if not missing:
             return
         futures = admin.create_topics(
-            [NewTopic(t, num_partitions=partitions, replication_factor=replication) for t in missing],
-            request_timeout=timeout)
+            [NewTopic(t, num_partitions=1 if t in single_partition else partitions, replication_factor=replication)
+             for t in missing], request_timeout=timeout)
         for topic, fut in futures.items():
             try:
                 fut.result()
@@ -238,3 +240,53 @@ class StdoutExporter:
     def close(self, timeout: float) -> DeliveryStats:
         self._out.flush()
         return self.stats
+
+
+class ControlReader:
+    """The control topic (block/unblock commands), every partition from its beginning: each
+    start replays every command, which rebuilds the blocks still within their TTL. No
+    consumer group offsets; served without blocking from the run loop."""
+
+    def __init__(self, bootstrap: str, topic: str, extra: dict[str, str] | None = None):
+        import os
+        import socket
+
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+        conf = {"bootstrap.servers": bootstrap, **{k: v for k, v in (extra or {}).items() if k not in KAFKA_DEFAULTS},
+                "group.id": f"xdpwatch-control-{socket.gethostname()}-{os.getpid()}", "enable.auto.commit": False}
+        try:
+            self._consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
+            meta = self._consumer.list_topics(topic, timeout=15).topics[topic]
+        except KafkaException as e:
+            raise BrokerError(f"cannot read the control topic {topic}: {e.args[0].str()}") from None
+        self.topic = topic
+        self._partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+        self._consumer.assign(self._partitions)
+
+    def catch_up(self, timeout: float = 15.0) -> list[bytes]:
+        """Every command already in the topic (up to its end when called)."""
+        from confluent_kafka import TopicPartition
+
+        ends = {}
+        for tp in self._partitions:
+            _low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=timeout)
+            if high > 0:
+                ends[tp.partition] = high
+        out: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            for m in self._consumer.consume(1000, 0.2):
+                if m.error() is None:
+                    out.append(m.value())
+                    if m.offset() + 1 >= ends.get(m.partition(), 0):
+                        ends.pop(m.partition(), None)
+        if ends:
+            raise BrokerError(f"could not read the control topic {self.topic} to its end within {timeout:.0f}s")
+        return out
+
+    def poll(self) -> list[bytes]:
+        return [m.value() for m in self._consumer.consume(500, 0) if m.error() is None]
+
+    def close(self) -> None:
+        self._consumer.close()

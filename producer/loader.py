@@ -58,11 +58,17 @@ def missing_capabilities(status_path: str = "/proc/self/status") -> list[str]:
     return missing
 
 
+ENFORCE_MODES = {"off": 0, "dry_run": 1, "enforce": 2}  # bpf/config.h ENFORCE_MODE
+
+
 @dataclass(frozen=True)
 class BpfConfig:
     ssh_ports: tuple[int, ...] = (22,)
     flow_table_size: int = 65536
     ringbuf_pages: int = 64
+    enforce_mode: str = "off"  # off | dry_run | enforce
+    syn_rate: int = 0          # SSH SYNs per second per source; 0: no limit
+    syn_burst: int = 1
 
     def validate(self) -> None:
         if not self.ssh_ports:
@@ -75,6 +81,12 @@ class BpfConfig:
         n = self.ringbuf_pages
         if n < 1 or n & (n - 1):
             raise ConfigError(f"--ringbuf-pages must be a power of two, got {n}")
+        if self.enforce_mode not in ENFORCE_MODES:
+            raise ConfigError(f"enforcement mode must be one of {', '.join(ENFORCE_MODES)}, got {self.enforce_mode!r}")
+        if self.syn_rate and self.enforce_mode == "off":
+            raise ConfigError("--syn-rate-limit needs --enforce (drop) or --dry-run (count only)")
+        if not 0 <= self.syn_rate <= 1_000_000 or not 1 <= self.syn_burst <= 1_000_000:
+            raise ConfigError("--syn-rate-limit must be 0-1000000 per second and --syn-burst 1-1000000")
 
     def cflags(self) -> list[str]:
         return [
@@ -82,6 +94,9 @@ class BpfConfig:
             f"-DFLOW_TABLE_SIZE={self.flow_table_size}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
             "-DIS_SSH_PORT(p)=(" + "||".join(f"(p)=={port}" for port in sorted(set(self.ssh_ports))) + ")",
+            f"-DENFORCE_MODE={ENFORCE_MODES[self.enforce_mode]}",
+            f"-DSYN_RATE={self.syn_rate}",
+            f"-DSYN_BURST={self.syn_burst}",
         ]
 
 

@@ -40,7 +40,9 @@ class ProducerMetrics:
             for name, cid, text in (
                     ("ringbuf_drops", CounterId.RINGBUF_DROPS, "Flow events lost in the kernel: ring buffer full"),
                     ("flow_events_submitted", CounterId.EVENTS_SUBMITTED, "Flow events put in the ring buffer"),
-                    ("flows_started", CounterId.FLOWS_STARTED, "SSH flows created in the flow table")):
+                    ("flows_started", CounterId.FLOWS_STARTED, "SSH flows created in the flow table"),
+                    ("blocked", CounterId.BLOCKED, "Packets from blocked sources: dropped (--enforce) or would have been"),
+                    ("syn_limited", CounterId.SYN_LIMITED, "SSH SYNs over their source's rate limit")):
                 c = CounterMetricFamily(f"xdpwatch_{name}", text, labels=["interface"])
                 c.add_metric([iface], s.counters[cid][0])
                 yield c

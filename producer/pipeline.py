@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import orjson
 
 from .. import schemas
+from .enforcement import Enforcer, Policy
 from .events import Clock, CounterDeltas, EventShaper
-from .exporter import DeliveryStats, Exporter
+from .exporter import ControlReader, DeliveryStats, Exporter
 from .flows import FlowReport, FlowTimeouts, FlowTracker
 from .loader import BpfConfig, XdpProgram
 from .metrics import ProducerMetrics, Snapshot
@@ -34,6 +35,7 @@ class ProduceConfig:
     timeouts: FlowTimeouts = field(default_factory=FlowTimeouts)
     sweep_s: float = 1.0
     flush_timeout_s: float = 30.0
+    policy: Policy = field(default_factory=Policy)  # used when bpf.enforce_mode is not "off"
 
 
 @dataclass
@@ -47,22 +49,29 @@ class RunSummary:
 
 
 def run(cfg: ProduceConfig, exporter: Exporter, stop: threading.Event,
-        metrics: ProducerMetrics | None = None) -> RunSummary:
-    """Watch `cfg.iface` until `stop` is set; returns what was counted and delivered."""
+        metrics: ProducerMetrics | None = None, control: ControlReader | None = None) -> RunSummary:
+    """Watch `cfg.iface` until `stop` is set; returns what was counted and delivered. With
+    enforcement on, `control` brings the block/unblock commands."""
     prog = XdpProgram(cfg.bpf)
     try:
-        return _Run(cfg, prog, exporter, metrics).loop(stop)
+        return _Run(cfg, prog, exporter, metrics, control).loop(stop)
     finally:
         prog.close()
 
 
 class _Run:
-    def __init__(self, cfg: ProduceConfig, prog: XdpProgram, exporter: Exporter, metrics: ProducerMetrics | None):
+    def __init__(self, cfg: ProduceConfig, prog: XdpProgram, exporter: Exporter, metrics: ProducerMetrics | None,
+                 control: ControlReader | None = None):
         self.cfg, self.prog, self.exporter, self.metrics = cfg, prog, exporter, metrics
         self.clock = Clock()
-        self.shaper = EventShaper(cfg.iface, self.clock)
+        self.shaper = EventShaper(cfg.iface, self.clock, enforce_mode=cfg.bpf.enforce_mode)
         self.tracker = FlowTracker(prog, self._export_flow, cfg.timeouts, drain=lambda: prog.poll_events(0))
         prog.open_events(self.tracker.on_event)
+        self.control = control
+        self.enforcer = None
+        if cfg.bpf.enforce_mode != "off":
+            self.enforcer = Enforcer(prog, cfg.bpf.enforce_mode, cfg.policy,
+                                     lambda doc: self._export("enforcement", doc), self.shaper)
         self.summary = RunSummary()
         self._evicted_reported = 0
 
@@ -118,6 +127,11 @@ class _Run:
         wait_ms = max(0, min(self._next_interval, self._next_sweep, now + 100_000_000) - now) // 1_000_000
         self.prog.poll_events(max(1, wait_ms))
         self.exporter.poll()
+        if self.enforcer is not None:
+            if self.control is not None:
+                for raw in self.control.poll():
+                    self.enforcer.handle(raw)
+            self.enforcer.expire()
         now = clock.monotonic_ns()
         if now >= self._next_sweep:
             self.tracker.sweep(now)
@@ -131,6 +145,10 @@ class _Run:
 
     def loop(self, stop: threading.Event) -> RunSummary:
         cfg, clock = self.cfg, self.clock
+        if self.enforcer is not None and self.control is not None:
+            # Every command so far, before the first packet: blocks still within their TTL
+            # are in place from the start.
+            self.enforcer.restore(self.control.catch_up())
         self.start()
         attachment = self.prog.attach(cfg.iface, cfg.xdp_mode)
         try:
@@ -141,6 +159,8 @@ class _Run:
         now = clock.monotonic_ns()
         self.prog.poll_events(0)
         self.tracker.shutdown(now)
+        if self.enforcer is not None:
+            self.enforcer.close()
         self._export_interval(now, final=True)
         self.summary.delivery = self.exporter.close(cfg.flush_timeout_s)
         return self.summary

@@ -29,6 +29,8 @@ class CounterId(enum.IntEnum):
     FLOWS_STARTED = 12
     RINGBUF_DROPS = 13
     EVENTS_SUBMITTED = 14
+    BLOCKED = 15
+    SYN_LIMITED = 16
 
 
 NR_COUNTERS = len(CounterId)

@@ -18,6 +18,8 @@ STREAMS = {
     "packet-counts": "packet-counts.v1.json",
     "ssh-flows": "ssh-flow.v1.json",
     "alerts": "alert.v1.json",
+    "control": "control.v1.json",
+    "enforcement": "enforcement.v1.json",
 }
 
 
@@ -98,11 +100,17 @@ def key_of(stream: str, doc: dict) -> bytes | None:
     """The Kafka message key of a document: what keeps related events in one partition.
 
     ssh-flows and alerts: the source (client) IP, so all state about one source lives in one
-    consumer of a group; packet-counts: `hostname/interface` of the observer.
+    consumer of a group; packet-counts: `hostname/interface` of the observer; control and
+    enforcement: the prefix, so the commands and outcomes for one prefix stay in order.
     """
     if stream == "packet-counts":
         obs = doc["observer"]
         return f"{obs['hostname']}/{obs['ingress']['interface']['name']}".encode()
+    if stream == "control":
+        return doc["command"]["prefix"].encode()
+    if stream == "enforcement":
+        prefix = doc["xdpwatch"]["enforcement"].get("prefix")
+        return prefix.encode() if prefix else None
     ip = doc.get("source", {}).get("ip")
     return ip.encode() if ip else None
 
