@@ -100,6 +100,7 @@ class View:
     alerts: list[dict] = field(default_factory=list)
     delivery: dict[str, float] = field(default_factory=dict)
     phase: str = "starting"
+    reader_error: str | None = None  # the topic reader died: the demo must not go on blind
 
     def add(self, topic: str, doc: dict) -> None:
         self.messages[topic] += 1
@@ -120,21 +121,33 @@ class View:
             self.alerts.append(doc)
 
 
+# What the demo's components write (it runs monitor-only: no control or enforcement topics).
+DEMO_STREAMS = ("packet-counts", "ssh-flows", "alerts")
+
+
 def read_topics(bootstrap: str, topics: list[str], view: View, stop: threading.Event) -> None:
     """Every message of `topics` from the beginning into `view` (assign, no group)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka import Consumer
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xdpwatch-demo-view", "enable.auto.commit": False})
     try:
-        meta = wait_for(lambda: (m := c.list_topics(timeout=5)) and all(t in m.topics for t in topics) and m,
-                        60, "the demo topics")
-        c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta.topics[t].partitions])
-        while not stop.is_set():
-            for m in c.consume(500, 0.2):
-                if m.error() is None:
-                    view.add(m.topic(), orjson.loads(m.value()))
+        _read_into(c, topics, view, stop)
+    except Exception as e:  # noqa: BLE001 (reported by the main thread)
+        view.reader_error = f"reading {', '.join(topics)} failed: {e}"
     finally:
         c.close()
+
+
+def _read_into(c, topics: list[str], view: View, stop: threading.Event) -> None:
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    meta = wait_for(lambda: (m := c.list_topics(timeout=5)) and all(t in m.topics for t in topics) and m,
+                    60, "the demo topics")
+    c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta.topics[t].partitions])
+    while not stop.is_set():
+        for m in c.consume(500, 0.2):
+            if m.error() is None:
+                view.add(m.topic(), orjson.loads(m.value()))
 
 
 def render(view: View, duration: float):
@@ -268,7 +281,7 @@ class Demo:
                                                     "--roll-seconds", "5", "--metrics-port", str(arch_port),
                                                     "--dead-letter", str(self.workdir / "dead-letter.jsonl"), *fast),
                                 logs)
-        topics = [schemas.topic("xdpwatch", s) for s in schemas.names()]
+        topics = [schemas.topic("xdpwatch", s) for s in DEMO_STREAMS]
         reader_stop = threading.Event()
         reader = threading.Thread(target=read_topics, args=(broker.bootstrap, topics, view, reader_stop), daemon=True)
         reader.start()
@@ -291,7 +304,7 @@ class Demo:
         view.phase = "stopping: consumers finish reading"
         expected = lambda: sum(view.messages.values())  # noqa: E731
         for name, port, streams in (("alert", alert_port, ("packet-counts", "ssh-flows")),
-                                    ("archive", arch_port, tuple(schemas.names()))):
+                                    ("archive", arch_port, DEMO_STREAMS)):
             want = lambda: sum(view.messages[schemas.topic("xdpwatch", s)] for s in streams)  # noqa: E731
             try:
                 wait_for(lambda: metric_sum(scrape(port), "xdpwatch_consumer_messages_total") >= want(), 30,
@@ -340,6 +353,8 @@ class Demo:
         seen_alerts, last_line = 0, 0.0
         try:
             while not stop.wait(0.25) and time.monotonic() < deadline:
+                if view.reader_error:
+                    raise DemoError(view.reader_error)
                 for name in ("produce", "alert", "archive"):
                     if not self._alive(procs[name]):
                         raise DemoError(f"{name} exited {procs[name].proc.returncode}:\n"
