@@ -296,9 +296,17 @@ class AlertSink:
 
 
 class AlertHandler:
-    def __init__(self, rules: Rules, sink: AlertSink):
-        self.sink = sink
-        self.detector = Detector(rules, sink.put)
+    """Alerts go to `sink`; with `on_alert` (e.g. consumers.control.BlockOnAlert) each one
+    is also handed on once it is delivered."""
+
+    def __init__(self, rules: Rules, sink: AlertSink, on_alert: Callable[[dict], None] | None = None):
+        self.sink, self.on_alert = sink, on_alert
+        self.detector = Detector(rules, self._emit)
+
+    def _emit(self, alert: dict) -> None:
+        self.sink.put(alert)
+        if self.on_alert is not None:
+            self.on_alert(alert)
 
     def handle(self, ev) -> None:
         self.detector.on_event(ev.stream, ev.doc)

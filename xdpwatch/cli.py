@@ -44,6 +44,13 @@ class LogLevel(str, enum.Enum):
     error = "error"
 
 
+class BlockRule(str, enum.Enum):
+    """Alert rules whose subject is one source: what --block-on can block."""
+
+    ssh_bruteforce = "ssh_bruteforce"
+    ssh_scan = "ssh_scan"
+
+
 class LogFormat(str, enum.Enum):
     text = "text"
     json = "json"
@@ -69,6 +76,15 @@ def kafka_options(pairs: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"expects key=value (a librdkafka setting), got {p!r}", param_hint="'-X'")
         conf[k.strip()] = v
     return conf
+
+
+def _prefix(text: str, option: str):
+    from .producer.enforcement import parse_prefix
+
+    try:
+        return parse_prefix(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
 
 
 def open_spool(directory: Path, max_mb: int):
@@ -131,6 +147,16 @@ def produce(
                                                     help="On stop, wait at most this many seconds for Kafka to acknowledge what is queued; the rest is spooled for the next start (exit 3).")] = 30.0,
     spool_dir: Annotated[Path, typer.Option(envvar="XDPWATCH_SPOOL_DIR", file_okay=False, readable=False,
                                             help="Where events wait on disk while Kafka is away longer than librdkafka's queue lasts (queue.buffering.max.messages); sent first on the next start.")] = Path("/var/lib/xdpwatch/spool"),
+    enforce: Annotated[bool, typer.Option("--enforce", envvar="XDPWATCH_ENFORCE",
+                                          help="Prevention: drop packets from blocked sources (commands on PREFIX.control, see `xdpwatch block`) and SSH SYNs over --syn-rate-limit. Off by default: monitor only.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", envvar="XDPWATCH_DRY_RUN",
+                                          help="Like --enforce, but only count what would be dropped.")] = False,
+    allow: Annotated[list[str], typer.Option("--allow", metavar="PREFIX", envvar="XDPWATCH_ALLOW",
+                                             help="Never block this address or prefix (repeat; e.g. your management network). Loopback is always allowed; a block overlapping an allowed prefix is rejected.")] = [],
+    syn_rate_limit: Annotated[int, typer.Option(envvar="XDPWATCH_SYN_RATE_LIMIT", min=0,
+                                                help="With --enforce/--dry-run: new SSH connections per second per source above which SYNs are dropped (counted). 0: no limit.")] = 0,
+    syn_burst: Annotated[int, typer.Option(envvar="XDPWATCH_SYN_BURST", min=1,
+                                           help="New SSH connections a source may open at once before --syn-rate-limit applies.")] = 5,
     spool_max_mb: Annotated[int, typer.Option(envvar="XDPWATCH_SPOOL_MAX_MB", min=0,
                                               help="Most disk the spool may use; beyond it events are dropped and counted (exit 3). 0: no spool, drop and count as soon as the queue is full.")] = 1024,
     metrics_port: MetricsPortOpt = None,
@@ -144,15 +170,22 @@ def produce(
     (reason shutdown), flushes Kafka, detaches XDP. Exit code 0 when every event was
     delivered, 3 when some were not, 1 on a configuration error.
     """
+    from .producer.enforcement import Policy
     from .producer.errors import ConfigError, DeliveryError
-    from .producer.exporter import KafkaExporter, StdoutExporter
+    from .producer.exporter import ControlReader, KafkaExporter, StdoutExporter
     from .producer.flows import FlowTimeouts
     from .producer.loader import BpfConfig, render_source
     from .producer.pipeline import ProduceConfig, run
 
     _setup_logging(log_level, log_format)
-    bpf_cfg = BpfConfig(tuple(sorted(set(ssh_port))), flow_table_size, ringbuf_pages)
+    if enforce and dry_run:
+        raise ConfigError("--enforce and --dry-run exclude each other: choose one")
+    mode = "enforce" if enforce else "dry_run" if dry_run else "off"
+    bpf_cfg = BpfConfig(tuple(sorted(set(ssh_port))), flow_table_size, ringbuf_pages, mode, syn_rate_limit, syn_burst)
     bpf_cfg.validate()
+    policy = Policy(allow=tuple(_prefix(p, "--allow") for p in allow))
+    if mode != "off" and output is not Output.kafka:
+        raise ConfigError("--enforce and --dry-run take their commands from Kafka: use --output kafka")
     if dump_bpf:
         typer.echo(render_source(bpf_cfg), nl=False)
         return
@@ -160,18 +193,24 @@ def produce(
         iface=iface, interval_s=interval, xdp_mode=xdp_mode.value, bpf=bpf_cfg,
         timeouts=FlowTimeouts(idle_ns=int(flow_idle_timeout * 1e9), active_ns=int(flow_active_timeout * 1e9),
                               fin_linger_ns=int(flow_fin_linger * 1e9)),
-        sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout,
+        sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout, policy=policy,
     )
     from .producer.loader import ifindex_of
     ifindex_of(iface)  # fail on a bad interface before touching Kafka
 
+    control = None
     if output is Output.kafka:
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
-        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option))
-        exporter.ensure_topics(topic_partitions, topic_replication)
+        streams = ("packet-counts", "ssh-flows") + (("enforcement",) if mode != "off" else ())
+        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option), streams=streams)
+        control_topic = schemas.topic(topic_prefix, "control")
+        exporter.ensure_topics(topic_partitions, topic_replication,
+                               single_partition=(control_topic,) if mode != "off" else ())
         if spool_max_mb:  # after Kafka answered: a wrong broker address leaves no trace on disk
             exporter.use_spool(open_spool(spool_dir, spool_max_mb))
+        if mode != "off":
+            control = ControlReader(bootstrap_servers, control_topic, kafka_options(kafka_option))
     else:
         exporter = StdoutExporter()
 
@@ -183,7 +222,11 @@ def produce(
 
     metrics = ProducerMetrics(iface, flow_table_size, exporter.stats) if metrics_port else None
     serve_metrics(metrics_port, metrics)
-    summary = run(cfg, exporter, stop, metrics)
+    try:
+        summary = run(cfg, exporter, stop, metrics, control)
+    finally:
+        if control is not None:
+            control.close()
     d = summary.delivery
     logging.getLogger("xdpwatch").info(
         "stopped: %d packets, %d SSH flows (%d evicted), %d ring-buffer drops; events produced %d, "
@@ -245,6 +288,9 @@ def alert(
     dead_letter: DeadLetterOpt = "kafka",
     topic_prefix: PrefixOpt = "xdpwatch",
     print_default_rules: Annotated[bool, typer.Option(help="Print the default rules file, documented, and exit.")] = False,
+    block_on: Annotated[list[BlockRule], typer.Option("--block-on", envvar="XDPWATCH_BLOCK_ON",
+                                                      help="Also send a block command for the source of each alert of this rule (repeat); producers running with --enforce drop it. Not for replays: the TTL counts from now.")] = [],
+    block_ttl: Annotated[str, typer.Option(envvar="XDPWATCH_BLOCK_TTL", help="How long --block-on blocks last: 90s, 15m, 2h, 7d.")] = "15m",
     exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
     metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = LogLevel.info,
@@ -252,7 +298,8 @@ def alert(
 ) -> None:
     """Raise alerts from SSH flows and packet counts: SSH brute force, SSH scans,
     traffic spikes, kernel drops. Event time, not wall-clock time: replaying archived
-    events gives the same alerts."""
+    events gives the same alerts. With --block-on, close the loop: the source of an alert
+    is blocked in the kernel by producers that run with --enforce."""
     from .consumers.alert import DEFAULT_RULES, AlertHandler, AlertSink, load_rules
     from .consumers.base import run_loop
     from .consumers.errors import ConsumerError
@@ -268,11 +315,112 @@ def alert(
     conf, producer_conf, dl, stop, stats = _consumer_setup(
         bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
         metrics_port, "alert", lambda: {"alerts": ("Alerts raised", sink.count if sink else 0)})
+    ttl_s = _duration(block_ttl, "--block-ttl")
     sink = AlertSink(output, producer_conf, f"{topic_prefix}.alerts")
+    blocker = None
+    if block_on:
+        from .consumers.control import BlockOnAlert, CommandSender
+
+        blocker = BlockOnAlert(CommandSender(producer_conf, schemas.topic(topic_prefix, "control")),
+                               {r.value for r in block_on}, ttl_s)
     topics = [f"{topic_prefix}.ssh-flows", f"{topic_prefix}.packet-counts"]
-    run_loop(conf, topics, AlertHandler(rules_cfg, sink), dl, stop, exit_when_idle, stats)
-    logging.getLogger("xdpwatch").info("stopped: %d events handled, %d alerts, %d dead-lettered",
-                                       stats.handled, sink.count, stats.dead_lettered)
+    run_loop(conf, topics, AlertHandler(rules_cfg, sink, blocker), dl, stop, exit_when_idle, stats)
+    logging.getLogger("xdpwatch").info("stopped: %d events handled, %d alerts, %d dead-lettered%s",
+                                       stats.handled, sink.count, stats.dead_lettered,
+                                       f", {blocker.sent} block commands" if blocker else "")
+
+
+# ---------------------------------------------------------------------------- prevention
+def _duration(text: str, option: str) -> int:
+    from .consumers.control import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+
+def _send(bootstrap_servers, kafka_option, topic_prefix, log_level, doc) -> None:
+    from .consumers.control import CommandSender
+    from .consumers.errors import ConsumerError
+
+    _setup_logging(log_level)
+    if not bootstrap_servers:
+        raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
+    conf = {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}
+    CommandSender(conf, schemas.topic(topic_prefix, "control")).send(doc)
+    c = doc["command"]
+    typer.echo(f"{c['action']} {c['prefix']} sent (command {c['id']}); producers report it on "
+               f"{schemas.topic(topic_prefix, 'enforcement')} (`xdpwatch blocks`)")
+
+
+@app.command(epilog="Example: xdpwatch block 203.0.113.7 --ttl 1h --reason 'brute force from the VPN pool'")
+def block(
+    prefix: Annotated[str, typer.Argument(help="IPv4 or IPv6 address, or CIDR prefix (198.51.100.0/24).")],
+    ttl: Annotated[str, typer.Option(help="How long the block lasts: 90s, 15m, 2h, 7d.")] = "1h",
+    reason: Annotated[Optional[str], typer.Option(help="Why: shown with the block and in the audit trail.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    kafka_option: KafkaOptionOpt = [],
+    topic_prefix: PrefixOpt = "xdpwatch",
+    log_level: LogLevelOpt = LogLevel.warning,
+) -> None:
+    """Block a source on every producer running with --enforce (counted only with --dry-run)
+    for TTL. Producers refuse what their policy forbids (allowlisted addresses, prefixes
+    wider than /8 or /32); each says what it did on PREFIX.enforcement."""
+    from .consumers.control import command, operator
+
+    net = _prefix(prefix, "PREFIX")
+    _send(bootstrap_servers, kafka_option, topic_prefix, log_level,
+          command("block", str(net), operator(), ttl_s=_duration(ttl, "--ttl"), reason=reason))
+
+
+@app.command(epilog="Example: xdpwatch unblock 203.0.113.7 --reason 'false positive'")
+def unblock(
+    prefix: Annotated[str, typer.Argument(help="The prefix as it was blocked.")],
+    reason: Annotated[Optional[str], typer.Option(help="Why: kept in the audit trail.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    kafka_option: KafkaOptionOpt = [],
+    topic_prefix: PrefixOpt = "xdpwatch",
+    log_level: LogLevelOpt = LogLevel.warning,
+) -> None:
+    """Lift a block before its TTL on every producer."""
+    from .consumers.control import command, operator
+
+    net = _prefix(prefix, "PREFIX")
+    _send(bootstrap_servers, kafka_option, topic_prefix, log_level,
+          command("unblock", str(net), operator(), reason=reason))
+
+
+@app.command(epilog="Example: xdpwatch blocks --bootstrap-servers kafka:9092 --json")
+def blocks(
+    bootstrap_servers: BootstrapOpt = None,
+    kafka_option: KafkaOptionOpt = [],
+    topic_prefix: PrefixOpt = "xdpwatch",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per block (the block_applied event).")] = False,
+    log_level: LogLevelOpt = LogLevel.warning,
+) -> None:
+    """The blocks in place now, per producer, newest first: from what the producers
+    reported on PREFIX.enforcement."""
+    import orjson
+
+    from .consumers.control import active_blocks
+    from .consumers.errors import ConsumerError
+
+    _setup_logging(log_level)
+    if not bootstrap_servers:
+        raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
+    conf = {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}
+    found = active_blocks(conf, schemas.topic(topic_prefix, "enforcement"))
+    for doc in found:
+        if as_json:
+            typer.echo(orjson.dumps(doc).decode())
+            continue
+        e = doc["xdpwatch"]["enforcement"]
+        cause = f"alert {e['alert_id']}" if e.get("alert_id") else e.get("issued_by", "?")
+        typer.echo(f"{doc['observer']['hostname']:<20} {e['prefix']:<22} {e['mode']:<8} until {e['expires']}  "
+                   f"{doc['event'].get('reason') or '-'} ({cause})")
+    if not found and not as_json:
+        typer.echo("no blocks in place", err=True)
 
 
 # The streams of the contract (schemas/), as a choice for --stream.
