@@ -104,8 +104,7 @@ def load_rules(text: str, origin: str = "rules file") -> Rules:
     return Rules(**out)
 
 
-def parse_time(s: str) -> float:
-    return dt.datetime.fromisoformat(s).timestamp()
+parse_time = schemas.timestamp_s
 
 
 def iso(t: float) -> str:

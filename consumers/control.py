@@ -115,16 +115,10 @@ def active_blocks(kafka_conf: dict, topic: str, now: float | None = None, timeou
                     state[key] = doc
                 elif doc["event"]["action"] in ("block_removed", "block_expired"):
                     state.pop(key, None)
-        out = [d for d in state.values() if _epoch(d["xdpwatch"]["enforcement"]["expires"]) > now]
+        out = [d for d in state.values() if schemas.timestamp_s(d["xdpwatch"]["enforcement"]["expires"]) > now]
         return sorted(out, key=lambda d: d["@timestamp"], reverse=True)
     finally:
         c.close()
-
-
-def _epoch(iso_ts: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(iso_ts.replace("Z", "+00:00")).timestamp()
 
 
 class BlockOnAlert:

@@ -138,7 +138,7 @@ class Enforcer:
         refusal = self.policy.refuse(net, cmd["ttl_s"])
         if refusal:
             return self._reject(cmd, refusal)
-        expires = _epoch(doc["@timestamp"]) + cmd["ttl_s"]
+        expires = schemas.timestamp_s(doc["@timestamp"]) + cmd["ttl_s"]
         if expires <= now:
             log.debug("block of %s (command %s) ended before this start: skipped", net, cmd["id"])
             return
@@ -210,12 +210,6 @@ class Enforcer:
         if packets is not None:
             e["packets"], e["bytes"] = packets, nbytes
         self.publish(self.shaper.enforcement(action, e, reason or cmd.get("reason")))
-
-
-def _epoch(iso_ts: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(iso_ts.replace("Z", "+00:00")).timestamp()
 
 
 def _iso(epoch_s: float) -> str:

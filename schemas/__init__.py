@@ -96,6 +96,13 @@ def is_valid(stream: str, doc) -> bool:
     return _fast(stream)(doc)
 
 
+def timestamp_s(value: str) -> float:
+    """A date-time field of the contract (ISO 8601, UTC `Z`) as POSIX seconds."""
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(value).timestamp()
+
+
 def key_of(stream: str, doc: dict) -> bytes | None:
     """The Kafka message key of a document: what keeps related events in one partition.
 
