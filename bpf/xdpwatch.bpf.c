@@ -16,6 +16,9 @@
  *              adds and removes entries, enforcing their TTL)
  *   allow_v4/6 LPM tries of sources never dropped (loopback, management networks)
  *   syn_rate   LRU hash source -> its SYN budget (GCRA), when SYN_RATE > 0
+ *
+ * Two programs share these maps: `xdpwatch` at XDP (ingress: counts, flows, enforcement)
+ * and `xdpwatch_egress` at TCX egress (the other direction of the SSH flows only).
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -24,6 +27,7 @@
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <linux/pkt_cls.h>
 
 #include "config.h"
 #include "xdpwatch.h"
@@ -65,6 +69,10 @@ BPF_LPM_TRIE(allow_v6, struct lpm_v6, __u8, BLOCKLIST_SIZE);
 BPF_TABLE("lru_hash", struct src_key, __u64, syn_rate, SYN_RATE_TABLE_SIZE);
 #endif
 
+/* Packet classes count ingress only (the packet-counts records are about what arrives);
+ * the parse functions below take `egress` and use this. */
+#define COUNT(idx, len) do { if (!egress) count(idx, len); } while (0)
+
 /* The verdict for a packet enforcement catches: dropped only in enforce mode. */
 #define CAUGHT (ENFORCE_MODE == 2 ? XDP_DROP : XDP_PASS)
 
@@ -93,15 +101,21 @@ static __always_inline void emit(struct flow_key *key, struct flow_value *val, _
 	count(C_EVENTS_SUBMITTED, 0);
 }
 
+/* `egress`: the packet leaves through the interface (TC hook); it counts in the flow, in
+ * its direction, but not in `directions`, which tells what the ingress saw. */
 static __always_inline void update_flow(struct flow_key *key, struct flow_value *v,
-					__u32 flags, __u32 dir, __u64 len, __u64 now)
+					__u32 flags, __u32 dir, __u64 len, __u64 now, int egress)
 {
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, len);
+	if (dir == DIR_TO_CLIENT) {
+		__sync_fetch_and_add(&v->to_client_packets, 1);
+		__sync_fetch_and_add(&v->to_client_bytes, len);
+	}
 	v->last_ns = now;
 	if (flags & ~v->tcp_flags)
 		v->tcp_flags |= flags;
-	if (!(v->directions & dir))
+	if (!egress && !(v->directions & dir))
 		v->directions |= dir;
 	if ((flags & TH_RST) && !v->rst_ns) {
 		v->rst_ns = now;
@@ -111,7 +125,7 @@ static __always_inline void update_flow(struct flow_key *key, struct flow_value 
 	}
 }
 
-static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 dir, __u64 len)
+static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 dir, __u64 len, int egress)
 {
 	__u64 now = bpf_ktime_get_ns();
 	int syn = flags & TH_SYN;
@@ -119,7 +133,7 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 
 	/* A SYN on a flow already ended by RST is a new connection reusing the 5-tuple. */
 	if (v && !(v->rst_ns && syn)) {
-		update_flow(key, v, flags, dir, len, now);
+		update_flow(key, v, flags, dir, len, now, egress);
 		return;
 	}
 
@@ -128,8 +142,12 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 	nv.last_ns = now;
 	nv.packets = 1;
 	nv.bytes = len;
+	if (dir == DIR_TO_CLIENT) {
+		nv.to_client_packets = 1;
+		nv.to_client_bytes = len;
+	}
 	nv.tcp_flags = flags;
-	nv.directions = dir;
+	nv.directions = egress ? 0 : dir;
 	nv.midstream = !syn; /* SYN or SYN-ACK opens; anything else joins mid-connection */
 	if (flags & TH_RST)
 		nv.rst_ns = now;
@@ -142,7 +160,7 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 		/* Another CPU created it first: count this packet there. */
 		v = flows.lookup(key);
 		if (v)
-			update_flow(key, v, flags, dir, len, now);
+			update_flow(key, v, flags, dir, len, now, egress);
 		return;
 	}
 	count(C_FLOWS_STARTED, 0);
@@ -214,15 +232,15 @@ static __always_inline int syn_over_limit(struct flow_key *key)
 /* L4 of an IP packet whose L3 header was valid. `l4` points after the IP headers;
  * `first_frag` is 0 for non-first fragments (no L4 header in them). Returns the verdict. */
 static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int first_frag,
-				    struct flow_key *key, __u64 len, int allowed)
+				    struct flow_key *key, __u64 len, int allowed, int egress)
 {
 	if (proto == IPPROTO_TCP) {
-		count(C_TCP, len);
+		COUNT(C_TCP, len);
 		if (!first_frag)
 			return XDP_PASS;
 		struct tcphdr *tcp = l4;
 		if ((void *)(tcp + 1) > data_end || tcp->doff < 5) {
-			count(C_MALFORMED, len);
+			COUNT(C_MALFORMED, len);
 			return XDP_PASS;
 		}
 		__u16 sport = bpf_ntohs(tcp->source);
@@ -231,7 +249,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int fi
 		int ssh_src = IS_SSH_PORT(sport), ssh_dst = IS_SSH_PORT(dport);
 		if (!ssh_src && !ssh_dst)
 			return XDP_PASS;
-		count(C_SSH, len);
+		COUNT(C_SSH, len);
 		key->proto = IPPROTO_TCP;
 		/* Both ports SSH ports (e.g. 2222 <-> 22): the lower port is the server, so both
 		 * directions of the connection land on one key. */
@@ -243,68 +261,73 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int fi
 			__builtin_memcpy(key->server_addr, tmp, 16);
 			key->client_port = dport;
 			key->server_port = sport;
-			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len);
+			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len, egress);
 		} else {
 			key->client_port = sport;
 			key->server_port = dport;
 			__u8 flags = ((__u8 *)tcp)[13];
 			/* A new connection (SYN without ACK) over its source's limit: counted, and in
 			 * enforce mode dropped before it becomes a flow. */
-			if (SYN_RATE && (flags & (TH_SYN | TH_ACK)) == TH_SYN && !allowed && syn_over_limit(key)) {
-				count(C_SYN_LIMITED, len);
+			if (SYN_RATE && !egress && (flags & (TH_SYN | TH_ACK)) == TH_SYN && !allowed &&
+			    syn_over_limit(key)) {
+				COUNT(C_SYN_LIMITED, len);
 				if (CAUGHT == XDP_DROP)
 					return XDP_DROP;
 			}
-			track_flow(key, flags, DIR_TO_SERVER, len);
+			track_flow(key, flags, DIR_TO_SERVER, len, egress);
 		}
 	} else if (proto == IPPROTO_UDP) {
-		count(C_UDP, len);
+		COUNT(C_UDP, len);
 		if (first_frag && l4 + sizeof(struct udphdr) > data_end)
-			count(C_MALFORMED, len);
+			COUNT(C_MALFORMED, len);
 	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
-		count(C_ICMP, len);
+		COUNT(C_ICMP, len);
 	} else {
-		count(C_L4_OTHER, len);
+		COUNT(C_L4_OTHER, len);
 	}
 	return XDP_PASS;
 }
 
-static __always_inline int parse_ipv4(void *cur, void *data_end, __u64 len)
+static __always_inline int parse_ipv4(void *cur, void *data_end, __u64 len, int egress)
 {
 	struct iphdr *ip = cur;
 	if ((void *)(ip + 1) > data_end) {
-		count(C_MALFORMED, len);
+		COUNT(C_MALFORMED, len);
 		return XDP_PASS;
 	}
 	__u32 hlen = ip->ihl * 4;
 	if (hlen < sizeof(*ip) || cur + hlen > data_end) {
-		count(C_MALFORMED, len);
+		COUNT(C_MALFORMED, len);
 		return XDP_PASS;
 	}
 	int allowed = 0;
-	int verdict = check_source(&ip->saddr, 4, len, &allowed);
-	if (verdict != XDP_PASS)
-		return verdict;
+	if (!egress) {
+		int verdict = check_source(&ip->saddr, 4, len, &allowed);
+		if (verdict != XDP_PASS)
+			return verdict;
+	}
 	struct flow_key key = {};
 	key.family = 4;
 	/* packet source/destination; parse_l4 flips them when the source is the server */
 	__builtin_memcpy(key.client_addr, &ip->saddr, 4);
 	__builtin_memcpy(key.server_addr, &ip->daddr, 4);
 	int first_frag = (ip->frag_off & bpf_htons(0x1FFF)) == 0;
-	return parse_l4(cur + hlen, data_end, ip->protocol, first_frag, &key, len, allowed);
+	return parse_l4(cur + hlen, data_end, ip->protocol, first_frag, &key, len, allowed, egress);
 }
 
-static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len)
+static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len, int egress)
 {
 	struct ipv6hdr *ip6 = cur;
 	if ((void *)(ip6 + 1) > data_end) {
-		count(C_MALFORMED, len);
+		COUNT(C_MALFORMED, len);
 		return XDP_PASS;
 	}
 	int allowed = 0;
-	int verdict = check_source(&ip6->saddr, 6, len, &allowed);
-	if (verdict != XDP_PASS)
-		return verdict;
+	if (!egress) {
+		int verdict = check_source(&ip6->saddr, 6, len, &allowed);
+		if (verdict != XDP_PASS)
+			return verdict;
+	}
 	__u8 nexthdr = ip6->nexthdr;
 	void *l4 = ip6 + 1;
 	int first_frag = 1;
@@ -315,7 +338,7 @@ static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len)
 		    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH) {
 			struct ipv6_ext *ext = l4;
 			if ((void *)(ext + 1) > data_end) {
-				count(C_MALFORMED, len);
+				COUNT(C_MALFORMED, len);
 				return XDP_PASS;
 			}
 			/* AH counts its length in 4-byte units minus 2 (RFC 4302), the others in
@@ -324,14 +347,14 @@ static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len)
 							   : (ext->hdrlen + 1) * 8;
 			nexthdr = ext->nexthdr;
 			if (l4 + hlen > data_end) { /* body truncated */
-				count(C_MALFORMED, len);
+				COUNT(C_MALFORMED, len);
 				return XDP_PASS;
 			}
 			l4 += hlen;
 		} else if (nexthdr == IPPROTO_FRAGMENT) {
 			struct ipv6_frag *fh = l4;
 			if ((void *)(fh + 1) > data_end) {
-				count(C_MALFORMED, len);
+				COUNT(C_MALFORMED, len);
 				return XDP_PASS;
 			}
 			nexthdr = fh->nexthdr;
@@ -350,20 +373,17 @@ static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len)
 	key.family = 6;
 	__builtin_memcpy(key.client_addr, &ip6->saddr, 16);
 	__builtin_memcpy(key.server_addr, &ip6->daddr, 16);
-	return parse_l4(l4, data_end, nexthdr, first_frag, &key, len, allowed);
+	return parse_l4(l4, data_end, nexthdr, first_frag, &key, len, allowed, egress);
 }
 
-int xdpwatch(struct xdp_md *ctx)
+/* Ethernet and VLAN tags, then L3: shared by the XDP (ingress) and TC (egress) programs. */
+static __always_inline int parse_frame(void *data, void *data_end, __u64 len, int egress)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u64 len = data_end - data;
-
-	count(C_TOTAL, len);
+	COUNT(C_TOTAL, len);
 
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end) {
-		count(C_MALFORMED, len);
+		COUNT(C_MALFORMED, len);
 		return XDP_PASS;
 	}
 	__u16 proto = bpf_ntohs(eth->h_proto);
@@ -376,7 +396,7 @@ int xdpwatch(struct xdp_md *ctx)
 			break;
 		struct vlan_tag *tag = cur;
 		if ((void *)(tag + 1) > data_end) {
-			count(C_MALFORMED, len);
+			COUNT(C_MALFORMED, len);
 			return XDP_PASS;
 		}
 		proto = bpf_ntohs(tag->encap_proto);
@@ -384,19 +404,38 @@ int xdpwatch(struct xdp_md *ctx)
 		tagged = 1;
 	}
 	if (tagged)
-		count(C_VLAN, len);
+		COUNT(C_VLAN, len);
 
 	if (proto == ETH_P_IP) {
-		count(C_IPV4, len);
-		return parse_ipv4(cur, data_end, len);
+		COUNT(C_IPV4, len);
+		return parse_ipv4(cur, data_end, len, egress);
 	} else if (proto == ETH_P_IPV6) {
-		count(C_IPV6, len);
-		return parse_ipv6(cur, data_end, len);
+		COUNT(C_IPV6, len);
+		return parse_ipv6(cur, data_end, len, egress);
 	} else if (proto == ETH_P_ARP) {
-		count(C_ARP, len);
+		COUNT(C_ARP, len);
 	} else {
 		/* Includes VLAN stacks deeper than MAX_VLAN_TAGS. */
-		count(C_L3_OTHER, len);
+		COUNT(C_L3_OTHER, len);
 	}
 	return XDP_PASS;
+}
+
+int xdpwatch(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	return parse_frame(data, data_end, data_end - data, 0);
+}
+
+/* The other direction: packets leaving through the interface (TCX egress), for the SSH
+ * flows only. Never changes anything: the verdict is always "next program / pass". */
+int xdpwatch_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	/* skb->len: the whole packet (headers are in the linear part we parse; a GSO packet
+	 * counts once with its full length, as the interface's own counters do). */
+	parse_frame(data, data_end, skb->len, 1);
+	return TC_ACT_UNSPEC;
 }

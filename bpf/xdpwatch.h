@@ -48,11 +48,13 @@ struct flow_value {
 	__u64 last_ns;        /* ... of the latest packet */
 	__u64 fin_ns;         /* first FIN seen, 0 if none */
 	__u64 rst_ns;         /* first RST seen, 0 if none: the flow has ended */
-	__u64 packets;
+	__u64 packets;        /* both directions, as far as the hooks see them */
 	__u64 bytes;          /* full frame length, Ethernet header included */
+	__u64 to_client_packets; /* of those, server -> client */
+	__u64 to_client_bytes;
 	__u32 tcp_flags;      /* OR of the TCP flags byte of every packet */
 	__u8 midstream;       /* 1 if the first packet seen had no SYN: joined mid-connection */
-	__u8 directions;      /* DIR_* bits: which directions were seen on this ingress */
+	__u8 directions;      /* DIR_* bits: which directions were seen on this ingress (not egress) */
 	__u8 _pad[2];
 };
 

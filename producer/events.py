@@ -34,7 +34,8 @@ CLASSES = {
 
 # Which directions the ingress saw: to the server only (a local or downstream server),
 # from the server only (a local client), or both (loopback, a mirror port).
-DIRECTIONS = {DIR_TO_SERVER: "inbound", DIR_TO_CLIENT: "outbound", DIR_TO_SERVER | DIR_TO_CLIENT: "internal"}
+DIRECTIONS = {0: "unknown", DIR_TO_SERVER: "inbound", DIR_TO_CLIENT: "outbound",
+              DIR_TO_SERVER | DIR_TO_CLIENT: "internal"}
 
 EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_update": ["connection", "info"],
                "flow_end": ["connection", "end"]}
@@ -149,8 +150,9 @@ class EventShaper:
         """The document for one flow report."""
         k, v = r.key, r.val
         cid = community_id(k)
-        client = {"ip": k.client_ip, "port": k.client_port}
-        server = {"ip": k.server_ip, "port": k.server_port}
+        client = {"ip": k.client_ip, "port": k.client_port,
+                  "packets": v.packets - v.to_client_packets, "bytes": v.bytes - v.to_client_bytes}
+        server = {"ip": k.server_ip, "port": k.server_port, "packets": v.to_client_packets, "bytes": v.to_client_bytes}
         start, end = self.clock.wall_ns(v.first_ns), self.clock.wall_ns(v.last_ns)
         event = {
             "id": self._next_id(), "kind": "event", "module": "xdpwatch", "dataset": "xdpwatch.ssh_flows",

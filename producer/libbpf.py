@@ -14,6 +14,7 @@ import ctypes.util
 import os
 
 BPF_XDP = 37  # enum bpf_attach_type
+BPF_TCX_EGRESS = 47  # since Linux 6.6
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -117,6 +118,13 @@ def xdp_link_create(prog_fd: int, ifindex: int, flags: int) -> int:
     """Attach an XDP program to `ifindex` as a BPF link; returns the link fd (close to detach)."""
     opts = LinkCreateOpts(sz=ct.sizeof(LinkCreateOpts), flags=flags)
     return _check(_lib.bpf_link_create(prog_fd, ifindex, BPF_XDP, ct.byref(opts)), "bpf_link_create")
+
+
+def tcx_egress_link_create(prog_fd: int, ifindex: int) -> int:
+    """Attach a SCHED_CLS program to `ifindex`'s egress as a TCX link (Linux >= 6.6); returns
+    the link fd (close to detach). Other TCX programs there keep running (we return NEXT)."""
+    opts = LinkCreateOpts(sz=ct.sizeof(LinkCreateOpts))
+    return _check(_lib.bpf_link_create(prog_fd, ifindex, BPF_TCX_EGRESS, ct.byref(opts)), "bpf_link_create")
 
 
 def xdp_query(ifindex: int) -> XdpQueryOpts:

@@ -8,6 +8,7 @@ is left alone unless it is a stale xdpwatch program, which is replaced.
 
 from __future__ import annotations
 
+import ctypes as ct
 import errno
 import logging
 import os
@@ -29,6 +30,7 @@ if not (BPF_DIR / "xdpwatch.bpf.c").exists():  # installed layout: xdpwatch/bpf 
     BPF_DIR = Path(_bpf_pkg.__file__).resolve().parent
 SOURCE = BPF_DIR / "xdpwatch.bpf.c"
 PROG_NAME = "xdpwatch"  # the kernel's name for our program: how a stale one is recognised
+EGRESS_PROG_NAME = "xdpwatch_egress"  # the TC program for the other direction of SSH flows
 
 XDP_MODES = {
     "native": [libbpf.XDP_FLAGS_DRV_MODE],
@@ -134,6 +136,7 @@ class XdpProgram:
         try:
             self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cfg.cflags())
             self.fd = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP).fd
+            self.egress_fd = self.bpf.load_func(EGRESS_PROG_NAME.encode(), BPF.SCHED_CLS).fd
         except Exception as e:  # bcc raises bare Exception for every failure
             msg = str(e)
             if "Operation not permitted" in msg or "Permission denied" in msg:
@@ -194,9 +197,14 @@ class XdpProgram:
     def test_run(self, packet: bytes, repeat: int = 1) -> tuple[int, int]:
         return libbpf.prog_test_run(self.fd, packet, repeat)
 
+    def test_run_egress(self, packet: bytes) -> int:
+        """The egress (TC) program on `packet`; returns its verdict (-1: next/pass)."""
+        verdict, _ = libbpf.prog_test_run(self.egress_fd, packet)
+        return ct.c_int32(verdict).value
+
     # ---- attach ----
-    def attach(self, iface: str, mode: str = "auto") -> "Attachment":
-        return Attachment(self, iface, mode)
+    def attach(self, iface: str, mode: str = "auto", egress: bool = True) -> "Attachment":
+        return Attachment(self, iface, mode, egress)
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -212,7 +220,7 @@ def ifindex_of(iface: str) -> int:
 class Attachment:
     """Our program attached to one interface through a BPF link. Close to detach."""
 
-    def __init__(self, prog: XdpProgram, iface: str, mode: str):
+    def __init__(self, prog: XdpProgram, iface: str, mode: str, egress: bool = True):
         if mode not in XDP_MODES:
             raise ConfigError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
         self.iface = iface
@@ -234,12 +242,33 @@ class Attachment:
             hint = " (try --xdp-mode generic)" if mode == "native" else ""
             raise AttachError(f"cannot attach XDP to {iface}: {'; '.join(errors)}{hint}")
         log.info("attached XDP program to %s (ifindex %d) in %s mode", iface, self.ifindex, self.mode)
+        self.egress_fd = -1
+        if egress:
+            self._attach_egress(prog)
+
+    def _attach_egress(self, prog: XdpProgram) -> None:
+        """The other direction of SSH flows, where the kernel can (TCX, Linux >= 6.6). Not
+        on loopback: there every packet leaves and arrives, and would count twice."""
+        if Path(f"/sys/class/net/{self.iface}/flags").exists() and \
+                int(Path(f"/sys/class/net/{self.iface}/flags").read_text(), 16) & 0x8:  # IFF_LOOPBACK
+            log.info("%s is a loopback interface: both directions already arrive at XDP", self.iface)
+            return
+        try:
+            self.egress_fd = libbpf.tcx_egress_link_create(prog.egress_fd, self.ifindex)
+        except OSError as e:
+            log.warning("SSH flows on %s count only what arrives (no TCX egress hook here: %s; needs Linux >= 6.6)",
+                        self.iface, e.strerror)
+            return
+        log.info("attached the egress program to %s (TCX): SSH flows count both directions", self.iface)
 
     def detach(self) -> None:
         if self.link_fd >= 0:
             os.close(self.link_fd)
             self.link_fd = -1
             log.info("detached XDP program from %s", self.iface)
+        if self.egress_fd >= 0:
+            os.close(self.egress_fd)
+            self.egress_fd = -1
 
     def __enter__(self) -> "Attachment":
         return self

@@ -36,6 +36,7 @@ class ProduceConfig:
     sweep_s: float = 1.0
     flush_timeout_s: float = 30.0
     policy: Policy = field(default_factory=Policy)  # used when bpf.enforce_mode is not "off"
+    egress: bool = True  # also hook egress: SSH flows count both directions
 
 
 @dataclass
@@ -150,7 +151,7 @@ class _Run:
             # are in place from the start.
             self.enforcer.restore(self.control.catch_up())
         self.start()
-        attachment = self.prog.attach(cfg.iface, cfg.xdp_mode)
+        attachment = self.prog.attach(cfg.iface, cfg.xdp_mode, cfg.egress)
         try:
             while not stop.is_set():
                 self.step()

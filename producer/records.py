@@ -73,6 +73,8 @@ class FlowValue(ct.Structure):
         ("rst_ns", ct.c_uint64),
         ("packets", ct.c_uint64),
         ("bytes", ct.c_uint64),
+        ("to_client_packets", ct.c_uint64),
+        ("to_client_bytes", ct.c_uint64),
         ("tcp_flags", ct.c_uint32),
         ("midstream", ct.c_uint8),
         ("directions", ct.c_uint8),

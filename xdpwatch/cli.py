@@ -135,6 +135,8 @@ def produce(
                                                    help="Replication factor for topics xdpwatch creates.")] = 1,
     xdp_mode: Annotated[XdpMode, typer.Option(envvar="XDPWATCH_XDP_MODE",
                                               help="native (driver), generic (any interface, slower), or auto: native if the driver supports it.")] = XdpMode.auto,
+    egress: Annotated[bool, typer.Option("--egress/--no-egress", envvar="XDPWATCH_EGRESS",
+                                         help="Also hook the interface's egress (TCX, Linux >= 6.6) so SSH flows count both directions (source.* and destination.* packets and bytes). Without it, or where the kernel cannot, flows count what arrives.")] = True,
     kafka_option: Annotated[list[str], typer.Option("-X", "--kafka-option", metavar="KEY=VALUE",
                                                     help="librdkafka setting, as with kcat; repeat (e.g. -X security.protocol=SASL_SSL -X sasl.mechanisms=PLAIN).")] = [],
     output: Annotated[Output, typer.Option(envvar="XDPWATCH_OUTPUT",
@@ -193,7 +195,7 @@ def produce(
         iface=iface, interval_s=interval, xdp_mode=xdp_mode.value, bpf=bpf_cfg,
         timeouts=FlowTimeouts(idle_ns=int(flow_idle_timeout * 1e9), active_ns=int(flow_active_timeout * 1e9),
                               fin_linger_ns=int(flow_fin_linger * 1e9)),
-        sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout, policy=policy,
+        sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout, policy=policy, egress=egress,
     )
     from .producer.loader import ifindex_of
     ifindex_of(iface)  # fail on a bad interface before touching Kafka

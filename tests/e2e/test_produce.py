@@ -142,7 +142,9 @@ def test_exact_counts_and_flows_from_crafted_traffic(testnet, broker, mode):
         assert start["network"]["packets"] == 1
         assert start["flow"]["id"] == end["flow"]["id"]
         assert end["flow"]["midstream"] is midstream
-        assert end["destination"] == {"ip": "2001:db8::1" if port == 41005 else srv, "port": 22}
+        assert end["destination"] == {"ip": "2001:db8::1" if port == 41005 else srv, "port": 22,
+                                      "packets": 0, "bytes": 0}  # nothing answers: no server -> client
+        assert end["source"]["packets"] == packets and end["source"]["bytes"] == flows[port]
         assert end["network"]["direction"] == "inbound"
         assert end["network"]["type"] == ("ipv6" if port == 41005 else "ipv4")
 
@@ -165,6 +167,7 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     rx_packets = after["rx_packets"] - before["rx_packets"]
     # With a native XDP program attached, veth's rx_bytes leaves out the Ethernet header.
     rx_bytes = after["rx_bytes"] - before["rx_bytes"] + (14 * rx_packets if native else 0)
+    tx_packets, tx_bytes = after["tx_packets"] - before["tx_packets"], after["tx_bytes"] - before["tx_bytes"]
 
     docs = documents(broker, FLOWS, min_messages=3)
     actions = [d["event"]["action"] for _, d in docs]
@@ -173,14 +176,20 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     assert len({d["flow"]["id"] for _, d in docs}) == 1
     end = docs[-1][1]
     assert end["event"]["reason"] == "fin"
-    assert end["source"]["ip"] == net.cli_ip and end["destination"] == {"ip": net.srv_ip, "port": 22}
+    assert end["source"]["ip"] == net.cli_ip and end["destination"]["ip"] == net.srv_ip
+    assert end["destination"]["port"] == 22
     assert end["flow"]["midstream"] is False and end["network"]["direction"] == "inbound"
     assert {"SYN", "ACK", "FIN", "PSH"} <= set(end["tcp"]["flags"])
-    # Exact: the session is the only traffic on this ingress (static ARP, no IPv6).
+    # Exact: the session is the only traffic on this interface (static ARP, no IPv6): what
+    # arrives (rx: client -> server, XDP) and what leaves (tx: server -> client, TCX egress).
     print(f"\n[ssh] flow {end['network']['packets']} packets / {end['network']['bytes']} bytes; "
-          f"veth rx {rx_packets} packets / {rx_bytes} bytes; {len(docs)} flow events")
-    assert end["network"]["packets"] == rx_packets > 10
-    assert end["network"]["bytes"] == rx_bytes
+          f"client->server {end['source']['packets']} / {end['source']['bytes']} = veth rx {rx_packets} / {rx_bytes}; "
+          f"server->client {end['destination']['packets']} / {end['destination']['bytes']} = veth tx "
+          f"{tx_packets} / {tx_bytes}; {len(docs)} flow events")
+    assert end["source"]["packets"] == rx_packets > 10 and end["source"]["bytes"] == rx_bytes
+    assert end["destination"]["packets"] == tx_packets > 10 and end["destination"]["bytes"] == tx_bytes
+    assert end["network"]["packets"] == rx_packets + tx_packets
+    assert end["network"]["bytes"] == rx_bytes + tx_bytes
     updates = [d["network"]["packets"] for _, d in docs if d["event"]["action"] == "flow_update"]
     assert updates == sorted(updates) and updates[-1] <= end["network"]["packets"]
 

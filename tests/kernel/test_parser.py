@@ -390,10 +390,10 @@ def test_non_first_fragments_and_malformed_tcp_create_no_flow(fresh):
 
 def test_full_ring_buffer_drops_are_counted_exactly(fresh):
     h = fresh(ringbuf_pages=1)
-    # A record is the 104-byte flow_event behind an 8-byte header, rounded up to 8 bytes.
+    # A record is the 120-byte flow_event behind an 8-byte header, rounded up to 8 bytes.
     record = (ctypes.sizeof(FlowEvent) + 8 + 7) // 8 * 8
-    assert ctypes.sizeof(FlowEvent) == 104 and record == 112
-    fits = resource.getpagesize() // record
+    assert ctypes.sizeof(FlowEvent) == 120 and record == 128
+    fits = (resource.getpagesize() - 1) // record  # the kernel never fills it to the last byte
     n = 100
     assert fits < n
     syns = [seg("S", 20000 + i) for i in range(n)]
@@ -524,3 +524,23 @@ def damaged_frames(draw):
 @given(damaged_frames())
 def test_fuzz_damaged_valid_frames(xdp, frame):
     check_one(xdp, frame)
+
+
+def test_egress_program_counts_the_other_direction_of_a_flow_only(fresh):
+    """The TC egress program adds server -> client packets to the flow (its to_client
+    share) without touching the per-class counters (they count what arrives) or the
+    `directions` the ingress saw; its verdict is always 'next' (-1)."""
+    h = fresh()
+    syn = seg("S", 42000)
+    synack = seg("SA", 42000, to_server=False, payload=b"")
+    data = seg("PA", 42000, to_server=False, payload=b"SSH-2.0-OpenSSH_9.2\r\n")
+    moved = h.run(syn)
+    before = h.prog.read_counters()
+    assert h.prog.test_run_egress(bytes(synack)) == -1 and h.prog.test_run_egress(bytes(data)) == -1
+    assert h.prog.read_counters() == before  # egress is not counted per class
+    [(key, val)] = h.flows()
+    assert (key.client_port, key.server_port) == (42000, 22)
+    assert val.packets == 3 and val.bytes == len(syn) + len(synack) + len(data)
+    assert (val.to_client_packets, val.to_client_bytes) == (2, len(synack) + len(data))
+    assert val.directions == DIR_TO_SERVER  # what the ingress saw
+    assert moved["total"] == (1, len(syn))

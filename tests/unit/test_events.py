@@ -68,8 +68,8 @@ def test_flow_documents_are_valid(shaper, action, reason):
     doc = shaper.flow(FlowReport(action, reason, ipv4_key("192.0.2.7", 51000, "192.0.2.1"), v))
     assert schemas.errors("ssh-flows", doc) == []
     assert schemas.key_of("ssh-flows", doc) == b"192.0.2.7"
-    assert doc["source"] == {"ip": "192.0.2.7", "port": 51000}
-    assert doc["destination"] == {"ip": "192.0.2.1", "port": 22}
+    assert doc["source"] == {"ip": "192.0.2.7", "port": 51000, "packets": 12, "bytes": 3456}
+    assert doc["destination"] == {"ip": "192.0.2.1", "port": 22, "packets": 0, "bytes": 0}
     assert doc["network"]["packets"] == 12 and doc["network"]["bytes"] == 3456
     assert doc["network"]["direction"] == "inbound"
     assert doc["tcp"]["flags"] == ["FIN", "SYN", "PSH", "ACK"]
