@@ -101,10 +101,52 @@ static __always_inline void emit(struct flow_key *key, struct flow_value *val, _
 	count(C_EVENTS_SUBMITTED, 0);
 }
 
+/* Where a TCP payload is: `off` bytes from the start of the frame, `len` bytes long. */
+struct payload {
+	void *ctx;            /* struct xdp_md (ingress) or struct __sk_buff (egress) */
+	__u32 off;
+	__s32 len;
+};
+
+/* The first payload packet of each direction: if it starts with "SSH-", its first
+ * BANNER_MAX bytes go to user space as a banner_event (the software versions). */
+static __always_inline void capture_banner(struct flow_key *key, __u64 first_ns, __u32 dir,
+					   struct payload *pl, int egress)
+{
+	if (pl->len < 4)
+		return;
+	struct banner_event *e = events.ringbuf_reserve(sizeof(struct banner_event));
+	if (!e) {
+		count(C_RINGBUF_DROPS, 0);
+		return;
+	}
+	__u32 n = pl->len > BANNER_MAX ? BANNER_MAX : pl->len;
+	n &= 0x7f; /* for the verifier: 4..BANNER_MAX */
+	if (n < 4 || n > BANNER_MAX) {
+		events.ringbuf_discard(e, 0);
+		return;
+	}
+	long err = egress ? bpf_skb_load_bytes(pl->ctx, pl->off, e->data, n)
+			  : bpf_xdp_load_bytes(pl->ctx, pl->off, e->data, n);
+	if (err || e->data[0] != 'S' || e->data[1] != 'S' || e->data[2] != 'H' || e->data[3] != '-') {
+		events.ringbuf_discard(e, 0);
+		return;
+	}
+	__builtin_memcpy(&e->key, key, sizeof(struct flow_key));
+	e->first_ns = first_ns;
+	e->type = EV_BANNER;
+	e->len = n;
+	e->dir = dir;
+	e->_pad = 0;
+	events.ringbuf_submit(e, 0);
+	count(C_EVENTS_SUBMITTED, 0);
+}
+
 /* `egress`: the packet leaves through the interface (TC hook); it counts in the flow, in
  * its direction, but not in `directions`, which tells what the ingress saw. */
 static __always_inline void update_flow(struct flow_key *key, struct flow_value *v,
-					__u32 flags, __u32 dir, __u64 len, __u64 now, int egress)
+					__u32 flags, __u32 dir, __u64 len, __u64 now, int egress,
+					struct payload *pl)
 {
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, len);
@@ -117,6 +159,10 @@ static __always_inline void update_flow(struct flow_key *key, struct flow_value 
 		v->tcp_flags |= flags;
 	if (!egress && !(v->directions & dir))
 		v->directions |= dir;
+	if (pl->len > 0 && !(v->banners & dir)) {
+		v->banners |= dir;
+		capture_banner(key, v->first_ns, dir, pl, egress);
+	}
 	if ((flags & TH_RST) && !v->rst_ns) {
 		v->rst_ns = now;
 		emit(key, v, EV_FLOW_END_RST);
@@ -125,7 +171,8 @@ static __always_inline void update_flow(struct flow_key *key, struct flow_value 
 	}
 }
 
-static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 dir, __u64 len, int egress)
+static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 dir, __u64 len, int egress,
+					struct payload *pl)
 {
 	__u64 now = bpf_ktime_get_ns();
 	int syn = flags & TH_SYN;
@@ -133,7 +180,7 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 
 	/* A SYN on a flow already ended by RST is a new connection reusing the 5-tuple. */
 	if (v && !(v->rst_ns && syn)) {
-		update_flow(key, v, flags, dir, len, now, egress);
+		update_flow(key, v, flags, dir, len, now, egress, pl);
 		return;
 	}
 
@@ -148,6 +195,8 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 	}
 	nv.tcp_flags = flags;
 	nv.directions = egress ? 0 : dir;
+	if (pl->len > 0)
+		nv.banners = dir;
 	nv.midstream = !syn; /* SYN or SYN-ACK opens; anything else joins mid-connection */
 	if (flags & TH_RST)
 		nv.rst_ns = now;
@@ -160,11 +209,13 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 		/* Another CPU created it first: count this packet there. */
 		v = flows.lookup(key);
 		if (v)
-			update_flow(key, v, flags, dir, len, now, egress);
+			update_flow(key, v, flags, dir, len, now, egress, pl);
 		return;
 	}
 	count(C_FLOWS_STARTED, 0);
 	emit(key, &nv, EV_FLOW_START);
+	if (nv.banners)
+		capture_banner(key, nv.first_ns, dir, pl, egress);
 	if (nv.rst_ns)
 		emit(key, &nv, EV_FLOW_END_RST);
 }
@@ -231,8 +282,9 @@ static __always_inline int syn_over_limit(struct flow_key *key)
 
 /* L4 of an IP packet whose L3 header was valid. `l4` points after the IP headers;
  * `first_frag` is 0 for non-first fragments (no L4 header in them). Returns the verdict. */
-static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int first_frag,
-				    struct flow_key *key, __u64 len, int allowed, int egress)
+static __always_inline int parse_l4(void *ctx, void *data, void *l4, void *data_end, __u8 proto,
+				    int first_frag, struct flow_key *key, __u64 len, __s32 l4_len,
+				    int allowed, int egress)
 {
 	if (proto == IPPROTO_TCP) {
 		COUNT(C_TCP, len);
@@ -251,6 +303,9 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int fi
 			return XDP_PASS;
 		COUNT(C_SSH, len);
 		key->proto = IPPROTO_TCP;
+		/* The payload from the IP length, not the frame's: short frames carry padding. */
+		struct payload pl = {.ctx = ctx, .off = (__u32)((void *)tcp - data) + tcp->doff * 4,
+				     .len = l4_len - tcp->doff * 4};
 		/* Both ports SSH ports (e.g. 2222 <-> 22): the lower port is the server, so both
 		 * directions of the connection land on one key. */
 		int to_client = ssh_src && (!ssh_dst || sport < dport);
@@ -261,7 +316,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int fi
 			__builtin_memcpy(key->server_addr, tmp, 16);
 			key->client_port = dport;
 			key->server_port = sport;
-			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len, egress);
+			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len, egress, &pl);
 		} else {
 			key->client_port = sport;
 			key->server_port = dport;
@@ -274,7 +329,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int fi
 				if (CAUGHT == XDP_DROP)
 					return XDP_DROP;
 			}
-			track_flow(key, flags, DIR_TO_SERVER, len, egress);
+			track_flow(key, flags, DIR_TO_SERVER, len, egress, &pl);
 		}
 	} else if (proto == IPPROTO_UDP) {
 		COUNT(C_UDP, len);
@@ -288,7 +343,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto, int fi
 	return XDP_PASS;
 }
 
-static __always_inline int parse_ipv4(void *cur, void *data_end, __u64 len, int egress)
+static __always_inline int parse_ipv4(void *ctx, void *data, void *cur, void *data_end, __u64 len, int egress)
 {
 	struct iphdr *ip = cur;
 	if ((void *)(ip + 1) > data_end) {
@@ -312,10 +367,12 @@ static __always_inline int parse_ipv4(void *cur, void *data_end, __u64 len, int 
 	__builtin_memcpy(key.client_addr, &ip->saddr, 4);
 	__builtin_memcpy(key.server_addr, &ip->daddr, 4);
 	int first_frag = (ip->frag_off & bpf_htons(0x1FFF)) == 0;
-	return parse_l4(cur + hlen, data_end, ip->protocol, first_frag, &key, len, allowed, egress);
+	__s32 l4_len = (__s32)bpf_ntohs(ip->tot_len) - (__s32)hlen;
+	return parse_l4(ctx, data, cur + hlen, data_end, ip->protocol, first_frag, &key, len, l4_len, allowed,
+			egress);
 }
 
-static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len, int egress)
+static __always_inline int parse_ipv6(void *ctx, void *data, void *cur, void *data_end, __u64 len, int egress)
 {
 	struct ipv6hdr *ip6 = cur;
 	if ((void *)(ip6 + 1) > data_end) {
@@ -373,11 +430,12 @@ static __always_inline int parse_ipv6(void *cur, void *data_end, __u64 len, int 
 	key.family = 6;
 	__builtin_memcpy(key.client_addr, &ip6->saddr, 16);
 	__builtin_memcpy(key.server_addr, &ip6->daddr, 16);
-	return parse_l4(l4, data_end, nexthdr, first_frag, &key, len, allowed, egress);
+	__s32 l4_len = (__s32)bpf_ntohs(ip6->payload_len) - (__s32)(l4 - (void *)(ip6 + 1));
+	return parse_l4(ctx, data, l4, data_end, nexthdr, first_frag, &key, len, l4_len, allowed, egress);
 }
 
 /* Ethernet and VLAN tags, then L3: shared by the XDP (ingress) and TC (egress) programs. */
-static __always_inline int parse_frame(void *data, void *data_end, __u64 len, int egress)
+static __always_inline int parse_frame(void *ctx, void *data, void *data_end, __u64 len, int egress)
 {
 	COUNT(C_TOTAL, len);
 
@@ -408,10 +466,10 @@ static __always_inline int parse_frame(void *data, void *data_end, __u64 len, in
 
 	if (proto == ETH_P_IP) {
 		COUNT(C_IPV4, len);
-		return parse_ipv4(cur, data_end, len, egress);
+		return parse_ipv4(ctx, data, cur, data_end, len, egress);
 	} else if (proto == ETH_P_IPV6) {
 		COUNT(C_IPV6, len);
-		return parse_ipv6(cur, data_end, len, egress);
+		return parse_ipv6(ctx, data, cur, data_end, len, egress);
 	} else if (proto == ETH_P_ARP) {
 		COUNT(C_ARP, len);
 	} else {
@@ -425,7 +483,7 @@ int xdpwatch(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	return parse_frame(data, data_end, data_end - data, 0);
+	return parse_frame(ctx, data, data_end, data_end - data, 0);
 }
 
 /* The other direction: packets leaving through the interface (TCX egress), for the SSH
@@ -436,6 +494,6 @@ int xdpwatch_egress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	/* skb->len: the whole packet (headers are in the linear part we parse; a GSO packet
 	 * counts once with its full length, as the interface's own counters do). */
-	parse_frame(data, data_end, skb->len, 1);
+	parse_frame(skb, data, data_end, skb->len, 1);
 	return TC_ACT_UNSPEC;
 }

@@ -55,7 +55,8 @@ struct flow_value {
 	__u32 tcp_flags;      /* OR of the TCP flags byte of every packet */
 	__u8 midstream;       /* 1 if the first packet seen had no SYN: joined mid-connection */
 	__u8 directions;      /* DIR_* bits: which directions were seen on this ingress (not egress) */
-	__u8 _pad[2];
+	__u8 banners;         /* DIR_* bits: directions whose first payload packet was looked at */
+	__u8 _pad;
 };
 
 #define DIR_TO_SERVER 1
@@ -64,14 +65,30 @@ struct flow_value {
 enum flow_event_type {
 	EV_FLOW_START = 1,
 	EV_FLOW_END_RST = 2,
+	EV_BANNER = 3,        /* a struct banner_event */
 };
 
-/* One ring-buffer record. */
+/* Bytes of an SSH identification string (RFC 4253 4.2) copied into a banner_event. */
+#define BANNER_MAX 64
+
+/* Ring-buffer records: a flow_event, or a banner_event. Both are 120 bytes with `type` at
+ * offset 112, which tells them apart. */
 struct flow_event {
 	struct flow_value val;
 	struct flow_key key;
-	__u32 type;           /* enum flow_event_type */
+	__u32 type;           /* EV_FLOW_START, EV_FLOW_END_RST */
 	__u32 _pad;
+};
+
+/* The first payload bytes of one direction of a flow, when they start with "SSH-". */
+struct banner_event {
+	struct flow_key key;
+	__u64 first_ns;       /* the flow_value's first_ns: which instance of the 5-tuple */
+	__u8 data[BANNER_MAX];
+	__u32 type;           /* EV_BANNER */
+	__u16 len;            /* bytes of data copied (at most BANNER_MAX) */
+	__u8 dir;             /* DIR_TO_SERVER: the client's banner; DIR_TO_CLIENT: the server's */
+	__u8 _pad;
 };
 
 /* Block and allow list keys (LPM tries): prefix length, then the address in network order. */

@@ -175,7 +175,28 @@ class EventShaper:
             "tcp": {"flags": tcp_flag_names(v.tcp_flags)},
             "observer": self._observer,
         }
+        if r.banners:
+            doc["ssh"] = {side: ssh_identification(r.banners[d])
+                          for side, d in (("client", DIR_TO_SERVER), ("server", DIR_TO_CLIENT)) if d in r.banners}
         return doc
+
+
+def ssh_identification(raw: bytes) -> dict:
+    """An SSH identification string (RFC 4253 4.2: SSH-protoversion-softwareversion SP
+    comments CR LF) as fields. Hostile input is expected: bytes outside printable ASCII
+    become '?', and a line cut by the copy limit is marked `truncated`."""
+    line, end, _ = raw.partition(b"\n")
+    text = "".join(chr(c) if 0x20 <= c < 0x7F else "?" for c in line.rstrip(b"\r"))
+    out: dict = {"banner": text, "truncated": not end}
+    if text.startswith("SSH-"):
+        protocol, _, rest = text[4:].partition("-")
+        software, _, comments = rest.partition(" ")
+        out["protocol"] = protocol
+        if software:
+            out["software"] = software
+        if comments:
+            out["comments"] = comments
+    return out
 
 
 class CounterDeltas:

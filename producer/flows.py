@@ -19,7 +19,7 @@ import ctypes as ct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-from .records import EventType, FlowEvent, FlowKey, FlowValue
+from .records import BannerEvent, EventType, FlowEvent, FlowKey, FlowValue
 
 
 class FlowTable(Protocol):
@@ -43,6 +43,7 @@ class FlowReport:
     reason: str | None  # on flow_end: fin | rst | idle | shutdown | evicted
     key: FlowKey
     val: FlowValue
+    banners: dict[int, bytes] = field(default_factory=dict)  # DIR_* -> the SSH identification bytes
 
 
 @dataclass
@@ -52,6 +53,7 @@ class _Tracked:
     generation: int  # sweep generation in which we learned of it
     last_report_ns: int
     ended: bool = False
+    banners: dict[int, bytes] = field(default_factory=dict)
 
 
 def _copy(v: ct.Structure):
@@ -75,9 +77,15 @@ class FlowTracker:
         return sum(1 for t in self._flows.values() if not t.ended)
 
     # ---- events from the kernel ----
-    def on_event(self, ev: FlowEvent) -> None:
+    def on_event(self, ev: FlowEvent | BannerEvent) -> None:
         kb = bytes(ev.key)
         t = self._flows.get(kb)
+        if ev.type == EventType.BANNER:
+            # It follows its flow's start event in the ring buffer; if that was dropped and
+            # no sweep has adopted the flow yet, the banner is lost with it.
+            if t is not None and t.val.first_ns == ev.first_ns:
+                t.banners.setdefault(ev.dir, ev.banner)
+            return
         if ev.type == EventType.FLOW_START:
             if t is not None and t.val.first_ns == ev.val.first_ns:
                 return  # already adopted by a sweep
@@ -103,7 +111,7 @@ class FlowTracker:
 
     def _end(self, t: _Tracked, reason: str, val: FlowValue) -> None:
         t.ended = True
-        self.report(FlowReport("flow_end", reason, t.key, _copy(val)))
+        self.report(FlowReport("flow_end", reason, t.key, _copy(val), t.banners))
 
     def _evict(self, t: _Tracked) -> None:
         self.evicted += 1
@@ -141,7 +149,7 @@ class FlowTracker:
                 self._finish(kb, t, "idle")
             elif now_ns - t.last_report_ns >= to.active_ns:
                 t.last_report_ns = now_ns
-                self.report(FlowReport("flow_update", None, t.key, _copy(val)))
+                self.report(FlowReport("flow_update", None, t.key, _copy(val), t.banners))
         for kb, t in list(self._flows.items()):
             if kb not in present and t.generation < self._generation:
                 if not t.ended:

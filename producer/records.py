@@ -78,7 +78,8 @@ class FlowValue(ct.Structure):
         ("tcp_flags", ct.c_uint32),
         ("midstream", ct.c_uint8),
         ("directions", ct.c_uint8),
-        ("_pad", ct.c_uint8 * 2),
+        ("banners", ct.c_uint8),
+        ("_pad", ct.c_uint8),
     ]
 
 
@@ -89,6 +90,7 @@ DIR_TO_CLIENT = 2
 class EventType(enum.IntEnum):
     FLOW_START = 1
     FLOW_END_RST = 2
+    BANNER = 3
 
 
 class FlowEvent(ct.Structure):
@@ -98,6 +100,27 @@ class FlowEvent(ct.Structure):
         ("type", ct.c_uint32),
         ("_pad", ct.c_uint32),
     ]
+
+
+BANNER_MAX = 64
+
+
+class BannerEvent(ct.Structure):
+    """The first bytes of one direction of a flow that start with "SSH-" (struct banner_event)."""
+
+    _fields_ = [
+        ("key", FlowKey),
+        ("first_ns", ct.c_uint64),
+        ("data", ct.c_uint8 * BANNER_MAX),
+        ("type", ct.c_uint32),
+        ("len", ct.c_uint16),
+        ("dir", ct.c_uint8),
+        ("_pad", ct.c_uint8),
+    ]
+
+    @property
+    def banner(self) -> bytes:
+        return bytes(self.data[: min(self.len, BANNER_MAX)])
 
 
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
@@ -111,12 +134,18 @@ def tcp_flag_names(flags: int) -> list[str]:
     return list(_FLAG_LISTS[flags & 0xFF])
 
 
-def decode_event(data: int | bytes, size: int | None = None) -> FlowEvent:
-    """Copy one ring-buffer record (a pointer from bcc's callback, or bytes) into a FlowEvent."""
+_TYPE_OFFSET = FlowEvent.type.offset  # the same in BannerEvent (checked in tests)
+
+
+def decode_event(data: int | bytes, size: int | None = None) -> FlowEvent | BannerEvent:
+    """Copy one ring-buffer record (a pointer from bcc's callback, or bytes) into a
+    FlowEvent or a BannerEvent, as its `type` says."""
     if isinstance(data, (bytes, bytearray)):
         raw = bytes(data)
     else:
         raw = ct.string_at(data, size if size is not None else ct.sizeof(FlowEvent))
     if len(raw) < ct.sizeof(FlowEvent):
         raise ValueError(f"ring-buffer record of {len(raw)} bytes, expected {ct.sizeof(FlowEvent)}")
-    return FlowEvent.from_buffer_copy(raw[: ct.sizeof(FlowEvent)])
+    kind = int.from_bytes(raw[_TYPE_OFFSET:_TYPE_OFFSET + 4], "little")
+    cls = BannerEvent if kind == EventType.BANNER else FlowEvent
+    return cls.from_buffer_copy(raw[: ct.sizeof(cls)])

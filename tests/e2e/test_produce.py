@@ -5,6 +5,8 @@ crafted traffic and a real sshd session."""
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 import time
 
 import orjson
@@ -151,6 +153,13 @@ def test_exact_counts_and_flows_from_crafted_traffic(testnet, broker, mode):
 
 def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     net = testnet
+    # What each side announces, as the binaries report it, before the producer watches.
+    client_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.split(",")[0].strip()
+    server_banner = net.exec(net.cli_ns, [sys.executable, "-c", (
+        "import socket; s = socket.create_connection(('%s', 22), 5); print(s.makefile('rb').readline()"
+        ".decode().rstrip()); s.sendall(b'SSH-2.0-probe\\r\\n')") % net.srv_ip],
+        capture_output=True, text=True, timeout=30).stdout.strip()
+    assert server_banner.startswith("SSH-2.0-OpenSSH_"), server_banner
     args = ["--iface", net.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.5",
             "--flow-idle-timeout", "30", "--flow-active-timeout", "1", "--flow-fin-linger", "1"]
     with ProducerProc(*args) as producer:
@@ -190,6 +199,13 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     assert end["destination"]["packets"] == tx_packets > 10 and end["destination"]["bytes"] == tx_bytes
     assert end["network"]["packets"] == rx_packets + tx_packets
     assert end["network"]["bytes"] == rx_bytes + tx_bytes
+    # Software versions, parsed from the banners captured in the kernel.
+    software, _, comments = client_v.partition(" ")  # e.g. "OpenSSH_9.2p1 Debian-2+deb12u5"
+    assert end["ssh"]["client"] == {"banner": f"SSH-2.0-{client_v}", "protocol": "2.0", "software": software,
+                                    "comments": comments, "truncated": False}
+    assert end["ssh"]["server"]["banner"] == server_banner and end["ssh"]["server"]["truncated"] is False
+    print(f"[ssh] client {end['ssh']['client']['banner']!r} (ssh -V: {client_v!r}); server "
+          f"{end['ssh']['server']['banner']!r}")
     updates = [d["network"]["packets"] for _, d in docs if d["event"]["action"] == "flow_update"]
     assert updates == sorted(updates) and updates[-1] <= end["network"]["packets"]
 

@@ -533,7 +533,7 @@ def test_egress_program_counts_the_other_direction_of_a_flow_only(fresh):
     h = fresh()
     syn = seg("S", 42000)
     synack = seg("SA", 42000, to_server=False, payload=b"")
-    data = seg("PA", 42000, to_server=False, payload=b"SSH-2.0-OpenSSH_9.2\r\n")
+    data = seg("PA", 42000, to_server=False, payload=b"x" * 20)  # not a banner: no event
     moved = h.run(syn)
     before = h.prog.read_counters()
     assert h.prog.test_run_egress(bytes(synack)) == -1 and h.prog.test_run_egress(bytes(data)) == -1
@@ -544,3 +544,50 @@ def test_egress_program_counts_the_other_direction_of_a_flow_only(fresh):
     assert (val.to_client_packets, val.to_client_bytes) == (2, len(synack) + len(data))
     assert val.directions == DIR_TO_SERVER  # what the ingress saw
     assert moved["total"] == (1, len(syn))
+
+
+BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u5\r\n"
+
+
+def banners(events) -> list[tuple[int, int, bytes]]:
+    return [(e.dir, e.key.client_port, e.banner) for e in events if e.type == EventType.BANNER]
+
+
+def test_banner_of_the_first_payload_packet_of_each_direction(fresh):
+    h = fresh()
+    h.run(seg("S", 43000))
+    assert h.prog.test_run_egress(bytes(seg("SA", 43000, to_server=False))) == -1
+    h.run(seg("PA", 43000, payload=BANNER), seg("PA", 43000, payload=b"SSH-2.0-second\r\n"))
+    h.prog.test_run_egress(bytes(seg("PA", 43000, to_server=False, payload=b"SSH-2.0-OpenSSH_9.6\r\n")))
+    got = h.take_events()
+    assert banners(got) == [(DIR_TO_SERVER, 43000, BANNER), (DIR_TO_CLIENT, 43000, b"SSH-2.0-OpenSSH_9.6\r\n")]
+    [(_, val)] = h.flows()
+    assert val.banners == DIR_TO_SERVER | DIR_TO_CLIENT
+    first_ns = next(e.val.first_ns for e in got if e.type == EventType.FLOW_START)
+    assert all(e.first_ns == first_ns for e in got if e.type == EventType.BANNER)
+    assert_counters_match_events(h, got)
+
+
+@pytest.mark.parametrize("first,expect", [
+    (b"SS", None),                                      # split: the first payload packet decides
+    (b"\x00\x01garbage SSH-2.0-x\r\n", None),           # no banner where it must be
+    (b"ssh-2.0-lowercase\r\n", None),
+    (b"SSH-" + b"x" * 60, b"SSH-" + b"x" * 60),         # exactly the copy limit
+    (b"SSH-2.0-" + b"y" * 100 + b"\r\n", (b"SSH-2.0-" + b"y" * 100)[:64]),  # cut at the limit
+    (b"SSH-", b"SSH-"),
+])
+def test_banner_capture_edges(fresh, first, expect):
+    h = fresh()
+    h.run(seg("S", 43001), seg("PA", 43001, payload=first), seg("PA", 43001, payload=BANNER))
+    got = banners(h.take_events())
+    assert got == ([] if expect is None else [(DIR_TO_SERVER, 43001, expect)])
+
+
+def test_ethernet_padding_is_not_payload(fresh):
+    """A bare ACK in a minimum-size frame carries padding after the IP packet: not a first
+    payload, so the real banner after it is still captured."""
+    h = fresh()
+    ack = bytes(seg("A", 43002))
+    assert len(ack) < 60
+    h.run(seg("S", 43002), ack + bytes(60 - len(ack)), seg("PA", 43002, payload=BANNER))
+    assert banners(h.take_events()) == [(DIR_TO_SERVER, 43002, BANNER)]

@@ -105,3 +105,34 @@ def test_schema_rejects_what_consumers_could_not_use(shaper):
 def test_tcp_flag_names_in_header_order():
     assert tcp_flag_names(0xFF) == ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"]
     assert tcp_flag_names(0) == []
+
+
+@pytest.mark.parametrize("raw,fields", [
+    (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u5\r\n",
+     {"banner": "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u5", "truncated": False, "protocol": "2.0",
+      "software": "OpenSSH_9.2p1", "comments": "Debian-2+deb12u5"}),
+    (b"SSH-2.0-dropbear_2022.83\n", {"banner": "SSH-2.0-dropbear_2022.83", "truncated": False, "protocol": "2.0",
+                                    "software": "dropbear_2022.83"}),
+    (b"SSH-1.99-Cisco-1.25\r\n", {"banner": "SSH-1.99-Cisco-1.25", "truncated": False, "protocol": "1.99",
+                                 "software": "Cisco-1.25"}),
+    (b"SSH-2.0-" + b"A" * 56, {"banner": "SSH-2.0-" + "A" * 56, "truncated": True, "protocol": "2.0",
+                               "software": "A" * 56}),
+    (b"SSH-2.0-\x1b[31mevil\x00\xff x\r\n", {"banner": "SSH-2.0-?[31mevil?? x", "truncated": False,
+                                             "protocol": "2.0", "software": "?[31mevil??", "comments": "x"}),
+    (b"SSH-", {"banner": "SSH-", "truncated": True, "protocol": ""}),
+])
+def test_ssh_identification(raw, fields):
+    from xdpwatch.producer.events import ssh_identification
+
+    assert ssh_identification(raw) == fields
+
+
+def test_flow_documents_carry_both_banners(shaper):
+    from xdpwatch.producer.records import DIR_TO_CLIENT, DIR_TO_SERVER
+
+    v = FlowValue(first_ns=5 * 10**9, last_ns=7 * 10**9, packets=12, bytes=3456, directions=1)
+    r = FlowReport("flow_end", "fin", ipv4_key("192.0.2.7", 51000, "192.0.2.1"), v,
+                   {DIR_TO_SERVER: b"SSH-2.0-PuTTY_Release_0.81\r\n", DIR_TO_CLIENT: b"SSH-2.0-OpenSSH_9.6\r\n"})
+    doc = shaper.flow(r)
+    assert schemas.errors("ssh-flows", doc) == []
+    assert doc["ssh"]["client"]["software"] == "PuTTY_Release_0.81" and doc["ssh"]["server"]["software"] == "OpenSSH_9.6"

@@ -18,7 +18,8 @@ from xdpwatch.producer import records as r
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = (BPF_DIR / "xdpwatch.h").read_text()
-STRUCTS = {"counter": r.Counter, "flow_key": r.FlowKey, "flow_value": r.FlowValue, "flow_event": r.FlowEvent}
+STRUCTS = {"counter": r.Counter, "flow_key": r.FlowKey, "flow_value": r.FlowValue, "flow_event": r.FlowEvent,
+           "banner_event": r.BannerEvent}
 
 
 def c_fields(name: str) -> list[str]:
@@ -96,7 +97,8 @@ def test_counter_ids_match_c(c_layout):
 
 def test_event_types_and_directions_match_c(c_layout):
     assert {e.name: e.value for e in r.EventType} == {"FLOW_START": c_layout["EV_FLOW_START"],
-                                                       "FLOW_END_RST": c_layout["EV_FLOW_END_RST"]}
+                                                       "FLOW_END_RST": c_layout["EV_FLOW_END_RST"],
+                                                       "BANNER": c_layout["EV_BANNER"]}
     assert (c_layout["DIR_TO_SERVER"], c_layout["DIR_TO_CLIENT"]) == (r.DIR_TO_SERVER, r.DIR_TO_CLIENT) == (1, 2)
 
 
@@ -177,3 +179,15 @@ def test_decode_event_refuses_short_records(n):
 ])
 def test_tcp_flag_names(flags, names):
     assert r.tcp_flag_names(flags) == names
+
+
+def test_banner_event_shares_the_type_offset(c_layout):
+    assert c_layout["banner_event"]["size"] == ct.sizeof(r.BannerEvent) == ct.sizeof(r.FlowEvent) == 120
+    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 112
+    raw = bytearray(120)
+    raw[112:116] = (3).to_bytes(4, "little")
+    raw[0:4] = bytes([192, 0, 2, 7])
+    raw[48:52] = b"SSH-"
+    raw[116:118] = (4).to_bytes(2, "little")
+    ev = r.decode_event(bytes(raw))
+    assert isinstance(ev, r.BannerEvent) and ev.banner == b"SSH-"
