@@ -121,7 +121,7 @@ static __always_inline void capture_banner(struct flow_key *key, __u64 first_ns,
 		return;
 	}
 	__u32 n = pl->len > BANNER_MAX ? BANNER_MAX : pl->len;
-	n &= 0x7f; /* for the verifier: 4..BANNER_MAX */
+	n &= 0x7f; /* for the verifier: 4..BANNER_MAX (< 128) */
 	if (n < 4 || n > BANNER_MAX) {
 		events.ringbuf_discard(e, 0);
 		return;
@@ -163,6 +163,13 @@ static __always_inline void update_flow(struct flow_key *key, struct flow_value 
 		v->banners |= dir;
 		capture_banner(key, v->first_ns, dir, pl, egress);
 	}
+	if (pl->len > 0 && dir == DIR_TO_CLIENT) {
+		__u8 i = v->nsizes;
+		if (i < SERVER_SIZES) {
+			v->server_sizes[i] = pl->len > 0xffff ? 0xffff : pl->len;
+			v->nsizes = i + 1;
+		}
+	}
 	if ((flags & TH_RST) && !v->rst_ns) {
 		v->rst_ns = now;
 		emit(key, v, EV_FLOW_END_RST);
@@ -195,8 +202,13 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 	}
 	nv.tcp_flags = flags;
 	nv.directions = egress ? 0 : dir;
-	if (pl->len > 0)
+	if (pl->len > 0) {
 		nv.banners = dir;
+		if (dir == DIR_TO_CLIENT) {
+			nv.server_sizes[0] = pl->len > 0xffff ? 0xffff : pl->len;
+			nv.nsizes = 1;
+		}
+	}
 	nv.midstream = !syn; /* SYN or SYN-ACK opens; anything else joins mid-connection */
 	if (flags & TH_RST)
 		nv.rst_ns = now;

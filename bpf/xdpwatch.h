@@ -43,6 +43,8 @@ struct flow_key {
 	__u8 _pad[2];
 };
 
+#define SERVER_SIZES 12
+
 struct flow_value {
 	__u64 first_ns;       /* bpf_ktime_get_ns() of the first packet */
 	__u64 last_ns;        /* ... of the latest packet */
@@ -56,7 +58,11 @@ struct flow_value {
 	__u8 midstream;       /* 1 if the first packet seen had no SYN: joined mid-connection */
 	__u8 directions;      /* DIR_* bits: which directions were seen on this ingress (not egress) */
 	__u8 banners;         /* DIR_* bits: directions whose first payload packet was looked at */
-	__u8 _pad;
+	__u8 nsizes;          /* entries used in server_sizes */
+	/* TCP payload sizes of the server's first SERVER_SIZES segments (banner, key exchange,
+	 * then the encrypted authentication replies): user space guesses the login outcome
+	 * from them, as Zeek does. */
+	__u16 server_sizes[SERVER_SIZES];
 };
 
 #define DIR_TO_SERVER 1
@@ -69,10 +75,10 @@ enum flow_event_type {
 };
 
 /* Bytes of an SSH identification string (RFC 4253 4.2) copied into a banner_event. */
-#define BANNER_MAX 64
+#define BANNER_MAX 88
 
-/* Ring-buffer records: a flow_event, or a banner_event. Both are 120 bytes with `type` at
- * offset 112, which tells them apart. */
+/* Ring-buffer records: a flow_event, or a banner_event. Both are 144 bytes with `type` at
+ * offset 136, which tells them apart. */
 struct flow_event {
 	struct flow_value val;
 	struct flow_key key;

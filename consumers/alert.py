@@ -28,6 +28,12 @@ threshold = 10            # flow_start events from one source IP ...
 window = 60               # ... within this many seconds
 cooldown = 300            # then at most one alert per source per cooldown
 
+[ssh_auth_failures]       # many failed logins from one source, as guessed per flow (ssh.auth)
+enabled = true
+threshold = 5             # refused authentication attempts (ssh.auth.failures on flow_end) ...
+window = 60               # ... within this many seconds
+cooldown = 300
+
 [ssh_scan]                # one source reaching many SSH servers
 enabled = true
 threshold = 5             # distinct destination IPs on SSH ports ...
@@ -77,6 +83,7 @@ class DropsConfig:
 @dataclass(frozen=True)
 class Rules:
     ssh_bruteforce: WindowRule = WindowRule(threshold=10)
+    ssh_auth_failures: WindowRule = WindowRule(threshold=5)
     ssh_scan: WindowRule = WindowRule(threshold=5)
     traffic_spike: SpikeConfig = SpikeConfig()
     kernel_drops: DropsConfig = DropsConfig()
@@ -117,15 +124,17 @@ def alert_id(rule: str, subject: str, first_event_id: str) -> str:
 
 TECHNIQUES = {
     "ssh_bruteforce": {"id": "T1110", "name": "Brute Force"},
+    "ssh_auth_failures": {"id": "T1110", "name": "Brute Force"},
     "ssh_scan": {"id": "T1046", "name": "Network Service Discovery"},
 }
 DESCRIPTIONS = {
     "ssh_bruteforce": "Many new SSH connections from one source in a short window",
+    "ssh_auth_failures": "Many refused SSH logins from one source in a short window (guessed from packet sizes)",
     "ssh_scan": "One source reaching many SSH servers in a short window",
     "traffic_spike": "Packet rate far above the interface's moving baseline",
     "kernel_drops": "The kernel lost flow events: the ring buffer was full",
 }
-SEVERITY = {"ssh_bruteforce": 70, "ssh_scan": 60, "traffic_spike": 50, "kernel_drops": 40}
+SEVERITY = {"ssh_bruteforce": 70, "ssh_auth_failures": 75, "ssh_scan": 60, "traffic_spike": 50, "kernel_drops": 40}
 
 
 def make_alert(rule: str, subject: str, message: str, first: dict, last: dict, count: float,
@@ -182,6 +191,7 @@ class Detector:
     def __init__(self, rules: Rules, emit: Callable[[dict], None]):
         self.rules, self.emit = rules, emit
         self._brute = _PerSourceWindow(rules.ssh_bruteforce.window, rules.ssh_bruteforce.cooldown)
+        self._failures = _PerSourceWindow(rules.ssh_auth_failures.window, rules.ssh_auth_failures.cooldown)
         self._scan = _PerSourceWindow(rules.ssh_scan.window, rules.ssh_scan.cooldown)
         self._baselines: dict[str, tuple[float, float, int]] = {}  # observer -> (mean, variance, n)
         self._spike_quiet: dict[str, float] = {}
@@ -190,6 +200,8 @@ class Detector:
     def on_event(self, stream: str, doc: dict) -> None:
         if stream == "ssh-flows" and doc["event"]["action"] == "flow_start":
             self._on_flow_start(doc)
+        elif stream == "ssh-flows" and doc["event"]["action"] == "flow_end":
+            self._on_flow_end(doc)
         elif stream == "packet-counts":
             self._on_counts(doc)
 
@@ -211,6 +223,22 @@ class Detector:
             if len(dsts) >= r2.threshold and self._scan.may_alert(src, t):
                 self.emit(make_alert("ssh_scan", src, f"{src} reached {len(dsts)} SSH servers within {r2.window:g}s",
                                      q[0][1], doc, len(dsts), r2.window, src, destinations=dsts))
+
+    def _on_flow_end(self, doc: dict) -> None:
+        """The brute-force variant that counts refused logins (ssh.auth.failures, guessed
+        by the producer) rather than connections: it also sees many passwords tried over
+        few connections, and ignores many successful ones."""
+        r = self.rules.ssh_auth_failures
+        failures = doc.get("ssh", {}).get("auth", {}).get("failures", 0)
+        if not r.enabled or not failures:
+            return
+        src, t = doc["source"]["ip"], parse_time(doc["@timestamp"])
+        for _ in range(failures):
+            q = self._failures.add(src, t, doc)
+        if len(q) >= r.threshold and self._failures.may_alert(src, t):
+            self.emit(make_alert("ssh_auth_failures", src,
+                                 f"{len(q)} refused SSH logins from {src} within {r.window:g}s",
+                                 q[0][1], doc, len(q), r.window, src))
 
     def _on_counts(self, doc: dict) -> None:
         t = parse_time(doc["@timestamp"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .flows import FlowReport
 from .records import DIR_TO_CLIENT, DIR_TO_SERVER, CounterId, FlowKey, tcp_flag_names
+from .ssh import login_outcome, ssh_identification
 
 # Counter ids that are packet classes, with their JSON names.
 CLASSES = {
@@ -178,25 +179,9 @@ class EventShaper:
         if r.banners:
             doc["ssh"] = {side: ssh_identification(r.banners[d])
                           for side, d in (("client", DIR_TO_SERVER), ("server", DIR_TO_CLIENT)) if d in r.banners}
+            if r.action != "flow_start":
+                doc["ssh"]["auth"] = login_outcome(list(v.server_sizes[:v.nsizes]), ended=r.action == "flow_end")
         return doc
-
-
-def ssh_identification(raw: bytes) -> dict:
-    """An SSH identification string (RFC 4253 4.2: SSH-protoversion-softwareversion SP
-    comments CR LF) as fields. Hostile input is expected: bytes outside printable ASCII
-    become '?', and a line cut by the copy limit is marked `truncated`."""
-    line, end, _ = raw.partition(b"\n")
-    text = "".join(chr(c) if 0x20 <= c < 0x7F else "?" for c in line.rstrip(b"\r"))
-    out: dict = {"banner": text, "truncated": not end}
-    if text.startswith("SSH-"):
-        protocol, _, rest = text[4:].partition("-")
-        software, _, comments = rest.partition(" ")
-        out["protocol"] = protocol
-        if software:
-            out["software"] = software
-        if comments:
-            out["comments"] = comments
-    return out
 
 
 class CounterDeltas:

@@ -65,6 +65,9 @@ class FlowKey(ct.Structure):
         return self._addr(self.server_addr)
 
 
+SERVER_SIZES = 12
+
+
 class FlowValue(ct.Structure):
     _fields_ = [
         ("first_ns", ct.c_uint64),
@@ -79,7 +82,8 @@ class FlowValue(ct.Structure):
         ("midstream", ct.c_uint8),
         ("directions", ct.c_uint8),
         ("banners", ct.c_uint8),
-        ("_pad", ct.c_uint8),
+        ("nsizes", ct.c_uint8),
+        ("server_sizes", ct.c_uint16 * SERVER_SIZES),
     ]
 
 
@@ -102,7 +106,7 @@ class FlowEvent(ct.Structure):
     ]
 
 
-BANNER_MAX = 64
+BANNER_MAX = 88
 
 
 class BannerEvent(ct.Structure):

@@ -48,6 +48,7 @@ class BlockRule(str, enum.Enum):
     """Alert rules whose subject is one source: what --block-on can block."""
 
     ssh_bruteforce = "ssh_bruteforce"
+    ssh_auth_failures = "ssh_auth_failures"
     ssh_scan = "ssh_scan"
 
 

@@ -53,6 +53,10 @@ def test_bruteforce_alert_archive_and_replay_give_the_same_alerts(testnet, sshd,
     brute = [a for a in alerts if a["rule"]["name"] == "ssh_bruteforce"]
     assert len(brute) == 1, alerts
     assert brute[0]["source"]["ip"] == net.cli_ip
+    # The variant on refused logins (guessed per flow by the producer) fires too, once.
+    refused = [a for a in alerts if a["rule"]["name"] == "ssh_auth_failures"]
+    assert len(refused) == 1 and refused[0]["source"]["ip"] == net.cli_ip, alerts
+    assert refused[0]["xdpwatch"]["evidence"]["count"] == 5  # the threshold, reached on the 5th
     flows = consume_all(broker.bootstrap, "xdpwatch.ssh-flows")
     starts = [orjson.loads(m.value) for m in flows if b'"action":"flow_start"' in m.value]
     assert len(starts) == ATTEMPTS and {d["source"]["ip"] for d in starts} == {net.cli_ip}

@@ -205,7 +205,8 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
                                     "comments": comments, "truncated": False}
     assert end["ssh"]["server"]["banner"] == server_banner and end["ssh"]["server"]["truncated"] is False
     print(f"[ssh] client {end['ssh']['client']['banner']!r} (ssh -V: {client_v!r}); server "
-          f"{end['ssh']['server']['banner']!r}")
+          f"{end['ssh']['server']['banner']!r}; login {end['ssh']['auth']}")
+    assert end["ssh"]["auth"] == {"outcome": "success", "confidence": "high", "failures": 0}  # key-based
     updates = [d["network"]["packets"] for _, d in docs if d["event"]["action"] == "flow_update"]
     assert updates == sorted(updates) and updates[-1] <= end["network"]["packets"]
 
@@ -213,6 +214,27 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     assert sum(d["packets"]["ssh"] for d in counts) == rx_packets
     assert sum(d["packets"]["total"] for d in counts) == rx_packets
     assert sum(d["flows"]["started"] for d in counts) == 1
+
+
+def test_failed_password_logins_are_guessed_as_failures(testnet, sshd, broker):
+    """Wrong passwords, a real sshpass against a real sshd: each flow ends with
+    ssh.auth.outcome failure, and the refused attempts add up to sshd's own count."""
+    net = testnet
+    args = ["--iface", net.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.5",
+            "--flow-fin-linger", "0.5"]
+    with ProducerProc(*args) as producer:
+        producer.wait_attached()
+        for password in ("wrong", "also-wrong"):
+            r = net.exec(net.cli_ns, sshd.failed_login_cmd(password), capture_output=True, text=True, timeout=60)
+            assert r.returncode != 0, r.stdout
+        time.sleep(2)
+        assert producer.stop() == 0, producer.stderr
+    ends = [d for _, d in documents(broker, FLOWS, min_messages=4) if d["event"]["action"] == "flow_end"]
+    refused = (sshd.dir / "sshd.log").read_text().count("Failed password for root")
+    auths = [d["ssh"]["auth"] for d in ends]
+    print(f"\n[ssh] wrong passwords: sshd logged {refused} failures; flows say {auths}")
+    assert [a["outcome"] for a in auths] == ["failure", "failure"]
+    assert sum(a["failures"] for a in auths) == refused
 
 
 def test_metrics_and_json_logs(testnet, broker):

@@ -390,9 +390,9 @@ def test_non_first_fragments_and_malformed_tcp_create_no_flow(fresh):
 
 def test_full_ring_buffer_drops_are_counted_exactly(fresh):
     h = fresh(ringbuf_pages=1)
-    # A record is the 120-byte flow_event behind an 8-byte header, rounded up to 8 bytes.
+    # A record is the 144-byte flow_event behind an 8-byte header, rounded up to 8 bytes.
     record = (ctypes.sizeof(FlowEvent) + 8 + 7) // 8 * 8
-    assert ctypes.sizeof(FlowEvent) == 120 and record == 128
+    assert ctypes.sizeof(FlowEvent) == 144 and record == 152
     fits = (resource.getpagesize() - 1) // record  # the kernel never fills it to the last byte
     n = 100
     assert fits < n
@@ -572,8 +572,8 @@ def test_banner_of_the_first_payload_packet_of_each_direction(fresh):
     (b"SS", None),                                      # split: the first payload packet decides
     (b"\x00\x01garbage SSH-2.0-x\r\n", None),           # no banner where it must be
     (b"ssh-2.0-lowercase\r\n", None),
-    (b"SSH-" + b"x" * 60, b"SSH-" + b"x" * 60),         # exactly the copy limit
-    (b"SSH-2.0-" + b"y" * 100 + b"\r\n", (b"SSH-2.0-" + b"y" * 100)[:64]),  # cut at the limit
+    (b"SSH-" + b"x" * 84, b"SSH-" + b"x" * 84),         # exactly the copy limit (88)
+    (b"SSH-2.0-" + b"y" * 100 + b"\r\n", (b"SSH-2.0-" + b"y" * 100)[:88]),  # cut at the limit
     (b"SSH-", b"SSH-"),
 ])
 def test_banner_capture_edges(fresh, first, expect):

@@ -97,3 +97,24 @@ def test_rules_file_parsing():
                      ("[ssh_scan]\nenabled = 1\n", "bool")]:
         with pytest.raises(ConsumerError, match=msg):
             load_rules(bad)
+
+
+def flow_end(t: float, src: str, failures: int, outcome: str = "failure", n: int = 0) -> dict:
+    return {"@timestamp": iso(t), "event": {"id": f"end-{src}-{n}", "action": "flow_end"},
+            "source": {"ip": src, "port": 41000 + n}, "destination": {"ip": "192.0.2.1", "port": 22},
+            "ssh": {"auth": {"outcome": outcome, "failures": failures}},
+            "observer": {"hostname": "gw", "ingress": {"interface": {"name": "eth0"}}}}
+
+
+def test_auth_failures_count_refused_logins_not_connections():
+    # Two connections with 3 refused passwords each: 6 failures, over the default 5, while
+    # the connection-count rule (10 starts) stays quiet.
+    ev = [("ssh-flows", flow_end(T0 + i, "203.0.113.7", 3, n=i)) for i in range(2)]
+    ev += [("ssh-flows", flow_end(T0 + 3, "203.0.113.8", 0, "success", n=9))]  # a login: nothing
+    alerts = detect(ev)
+    assert [(a["rule"]["name"], a["source"]["ip"], a["xdpwatch"]["evidence"]["count"]) for a in alerts] == [
+        ("ssh_auth_failures", "203.0.113.7", 6)]
+    assert alerts[0]["threat"]["technique"]["id"] == "T1110"
+    # Outside the window they do not add up.
+    spread = [("ssh-flows", flow_end(T0 + i * 40, "203.0.113.7", 2, n=i)) for i in range(4)]
+    assert detect(spread) == []

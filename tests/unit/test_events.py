@@ -122,7 +122,7 @@ def test_tcp_flag_names_in_header_order():
     (b"SSH-", {"banner": "SSH-", "truncated": True, "protocol": ""}),
 ])
 def test_ssh_identification(raw, fields):
-    from xdpwatch.producer.events import ssh_identification
+    from xdpwatch.producer.ssh import ssh_identification
 
     assert ssh_identification(raw) == fields
 
@@ -136,3 +136,25 @@ def test_flow_documents_carry_both_banners(shaper):
     doc = shaper.flow(r)
     assert schemas.errors("ssh-flows", doc) == []
     assert doc["ssh"]["client"]["software"] == "PuTTY_Release_0.81" and doc["ssh"]["server"]["software"] == "OpenSSH_9.6"
+
+
+# The server's payload sizes measured with OpenSSH 9.2 in the lab (chacha20-poly1305).
+KEY_LOGIN = [41, 1088, 1564, 44, 52, 100, 28, 264, 192, 72, 124]
+WRONG_PASSWORD = [41, 1088, 1564, 44, 52, 52]
+
+
+@pytest.mark.parametrize("sizes,ended,expect", [
+    (KEY_LOGIN, True, {"outcome": "success", "confidence": "high", "failures": 0}),
+    (KEY_LOGIN[:7], False, {"outcome": "success", "confidence": "high", "failures": 0}),
+    (WRONG_PASSWORD, True, {"outcome": "failure", "confidence": "medium", "failures": 1}),
+    (WRONG_PASSWORD + [52, 52], True, {"outcome": "failure", "confidence": "medium", "failures": 3}),
+    (WRONG_PASSWORD + [52, 28], True, {"outcome": "success", "confidence": "high", "failures": 2}),
+    (WRONG_PASSWORD, False, {"outcome": "unknown", "failures": 1}),      # still going: may yet succeed
+    ([41, 1088, 1564], True, {"outcome": "unknown", "failures": 0}),     # a scanner: key exchange only
+    ([41, 1088, 1564, 44, 52, 100, 300, 400, 500, 600, 700, 800], True,
+     {"outcome": "success", "confidence": "low", "failures": 0}),        # kept talking, nothing smaller
+])
+def test_login_outcome(sizes, ended, expect):
+    from xdpwatch.producer.ssh import login_outcome
+
+    assert login_outcome(sizes, ended) == expect

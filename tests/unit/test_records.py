@@ -82,8 +82,8 @@ def test_struct_layout_matches_c(c_layout, cname):
 
 
 def test_sizes_the_ring_buffer_reader_relies_on(c_layout):
-    assert c_layout["flow_event"]["size"] == ct.sizeof(r.FlowEvent) == 120
-    assert c_layout["flow_key"]["size"] == 40 and c_layout["flow_value"]["size"] == 72
+    assert c_layout["flow_event"]["size"] == ct.sizeof(r.FlowEvent) == 144
+    assert c_layout["flow_key"]["size"] == 40 and c_layout["flow_value"]["size"] == 96
     assert c_layout["counter"]["size"] == 16
 
 
@@ -106,24 +106,26 @@ def test_event_types_and_directions_match_c(c_layout):
 # flow_value (6 x u64, u32 tcp_flags, u8 midstream, u8 directions, 2 pad),
 # flow_key (16 + 16 addr bytes, u16 client_port, u16 server_port, u8 family, u8 proto, 2 pad),
 # u32 type, u32 pad. Little endian (x86-64 and arm64 hosts).
-EVENT = struct.Struct("<8QIBB2x16s16sHHBB2xII")
+EVENT = struct.Struct("<8QIBBBB12H16s16sHHBB2xII")
 
 
 def packed_event(**kw) -> bytes:
     v = dict(first_ns=1_000, last_ns=2_000, fin_ns=1_500, rst_ns=1_900, packets=7, bytes=1234,
              to_client_packets=3, to_client_bytes=600, tcp_flags=0x17,
-             midstream=1, directions=3, client=bytes([192, 0, 2, 7]) + bytes(12),
+             midstream=1, directions=3, banners=1, nsizes=2, sizes=[41, 1088] + [0] * 10,
+             client=bytes([192, 0, 2, 7]) + bytes(12),
              server=bytes([192, 0, 2, 1]) + bytes(12), client_port=40000, server_port=22, family=4, proto=6,
              type=2, pad=0)
     v.update(kw)
     return EVENT.pack(v["first_ns"], v["last_ns"], v["fin_ns"], v["rst_ns"], v["packets"], v["bytes"],
                       v["to_client_packets"], v["to_client_bytes"],
-                      v["tcp_flags"], v["midstream"], v["directions"], v["client"], v["server"],
+                      v["tcp_flags"], v["midstream"], v["directions"], v["banners"], v["nsizes"], *v["sizes"],
+                      v["client"], v["server"],
                       v["client_port"], v["server_port"], v["family"], v["proto"], v["type"], v["pad"])
 
 
 def test_decode_event_from_bytes():
-    assert EVENT.size == 120
+    assert EVENT.size == 144
     ev = r.decode_event(packed_event())
     assert isinstance(ev, r.FlowEvent)
     assert ev.type == r.EventType.FLOW_END_RST and ev._pad == 0
@@ -153,15 +155,15 @@ def test_decode_event_copies_and_ignores_trailing_bytes():
 
 def test_decode_event_from_a_pointer():
     # bcc's ring-buffer callback hands (pointer, size)
-    buf = ct.create_string_buffer(packed_event(), 120)
-    ev = r.decode_event(ct.addressof(buf), 120)
+    buf = ct.create_string_buffer(packed_event(), 144)
+    ev = r.decode_event(ct.addressof(buf), 144)
     assert bytes(ev) == packed_event()
     assert bytes(r.decode_event(ct.addressof(buf))) == packed_event()  # size defaults to the struct's
 
 
-@pytest.mark.parametrize("n", [0, 1, 56, 119])
+@pytest.mark.parametrize("n", [0, 1, 56, 143])
 def test_decode_event_refuses_short_records(n):
-    with pytest.raises(ValueError, match=f"record of {n} bytes, expected 120"):
+    with pytest.raises(ValueError, match=f"record of {n} bytes, expected 144"):
         r.decode_event(packed_event()[:n])
 
 
@@ -182,12 +184,12 @@ def test_tcp_flag_names(flags, names):
 
 
 def test_banner_event_shares_the_type_offset(c_layout):
-    assert c_layout["banner_event"]["size"] == ct.sizeof(r.BannerEvent) == ct.sizeof(r.FlowEvent) == 120
-    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 112
-    raw = bytearray(120)
-    raw[112:116] = (3).to_bytes(4, "little")
+    assert c_layout["banner_event"]["size"] == ct.sizeof(r.BannerEvent) == ct.sizeof(r.FlowEvent) == 144
+    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 136
+    raw = bytearray(144)
+    raw[136:140] = (3).to_bytes(4, "little")
     raw[0:4] = bytes([192, 0, 2, 7])
     raw[48:52] = b"SSH-"
-    raw[116:118] = (4).to_bytes(2, "little")
+    raw[140:142] = (4).to_bytes(2, "little")
     ev = r.decode_event(bytes(raw))
     assert isinstance(ev, r.BannerEvent) and ev.banner == b"SSH-"
