@@ -235,9 +235,11 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 /* Enforcement by source address, before anything else is parsed: an allowlisted source
  * passes (and *allowed is set, exempting it from the SYN limit); a blocklisted one is
  * counted on its entry and CAUGHT. */
-static __always_inline int check_source(void *saddr, int family, __u64 len, int *allowed)
+static __always_inline int check_source(void *saddr, int family, __u64 len, int egress, int *allowed)
 {
 #if ENFORCE_MODE
+	if (egress) /* enforcement is about what arrives */
+		return XDP_PASS;
 	struct block_value *b;
 	if (family == 4) {
 		struct lpm_v4 k = {.prefixlen = 32};
@@ -368,11 +370,9 @@ static __always_inline int parse_ipv4(void *ctx, void *data, void *cur, void *da
 		return XDP_PASS;
 	}
 	int allowed = 0;
-	if (!egress) {
-		int verdict = check_source(&ip->saddr, 4, len, &allowed);
-		if (verdict != XDP_PASS)
-			return verdict;
-	}
+	int verdict = check_source(&ip->saddr, 4, len, egress, &allowed);
+	if (verdict != XDP_PASS)
+		return verdict;
 	struct flow_key key = {};
 	key.family = 4;
 	/* packet source/destination; parse_l4 flips them when the source is the server */
@@ -392,11 +392,9 @@ static __always_inline int parse_ipv6(void *ctx, void *data, void *cur, void *da
 		return XDP_PASS;
 	}
 	int allowed = 0;
-	if (!egress) {
-		int verdict = check_source(&ip6->saddr, 6, len, &allowed);
-		if (verdict != XDP_PASS)
-			return verdict;
-	}
+	int verdict = check_source(&ip6->saddr, 6, len, egress, &allowed);
+	if (verdict != XDP_PASS)
+		return verdict;
 	__u8 nexthdr = ip6->nexthdr;
 	void *l4 = ip6 + 1;
 	int first_frag = 1;

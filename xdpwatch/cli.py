@@ -18,7 +18,7 @@ from . import __version__, schemas
 
 app = typer.Typer(
     name="xdpwatch",
-    help="Network security telemetry from XDP into Kafka: packet counters and SSH flow events.",
+    help="Network security telemetry from XDP into Kafka: packet counters, SSH flows (both directions, software versions, login outcome), alerts, archives, and opt-in blocking in the kernel.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
