@@ -36,6 +36,7 @@ from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
 from xdpwatch.producer.loader import BpfConfig, XdpProgram
+from xdpwatch.producer.spool import Spool
 from xdpwatch.producer.pipeline import ProduceConfig, _Run
 from xdpwatch.producer.records import CounterId
 
@@ -144,13 +145,24 @@ def warm(producer) -> None:
     producer.flush(30)
 
 
+_SPOOLS = tempfile.TemporaryDirectory(prefix="xw-bench-spools-")  # removed when the bench exits
+
+
+def spooled_exporter(bootstrap: str, prefix: str) -> KafkaExporter:
+    """The exporter as `xdpwatch produce` sets it up: librdkafka's default queue, and a
+    spool (in a temporary directory) that takes what overflows it."""
+    exporter = KafkaExporter(bootstrap, prefix, {})
+    exporter.use_spool(Spool(Path(tempfile.mkdtemp(dir=_SPOOLS.name)), 1 << 30))
+    return exporter
+
+
 def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile: bool = False) -> dict:
     """The producer's own code path (ring buffer → decode → flow tracker → shape → orjson →
     confluent-kafka, with its settings and a sweep every second) on `n` flow_start events
     queued in the ring buffer; timed until the broker acknowledged all of them."""
     table = max(65536, 2 * (n + prefill))
     prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
-    exporter = KafkaExporter(bootstrap, prefix, {})
+    exporter = spooled_exporter(bootstrap, prefix)
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
@@ -161,7 +173,7 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
             prog.poll_events(10)
             exporter.poll()
         exporter.close(60)
-        exporter = run.exporter = KafkaExporter(bootstrap, prefix, {})
+        exporter = run.exporter = spooled_exporter(bootstrap, prefix)
     warm(exporter._producer)
     inject(prog, n)
     profiler = cProfile.Profile() if profile else None
@@ -283,7 +295,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     default-size (64-page) ring buffer: every flow is either an event or a counted drop,
     and the sweep still reports the dropped ones from the table."""
     prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=64))
-    exporter = KafkaExporter(bootstrap, "bench-loss", {})
+    exporter = spooled_exporter(bootstrap, "bench-loss")
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
