@@ -277,15 +277,12 @@ class AlertSink:
 
     def __init__(self, output: str, kafka_conf: dict, topic: str):
         self.count = 0
-        self._producer = self._file = None
+        self._kafka = self._file = None
         if output == "kafka":
-            from confluent_kafka import Producer
-
-            from .base import ensure_topics
+            from .base import AckedProducer, ensure_topics
 
             ensure_topics(kafka_conf, [topic])
-            self.topic, self._headers = topic, schemas.headers("alerts")
-            self._producer = Producer({**kafka_conf, "enable.idempotence": True, "acks": "all"})
+            self._kafka = AckedProducer(kafka_conf, topic, "an alert")
         elif output == "stdout":
             import sys
 
@@ -302,12 +299,8 @@ class AlertSink:
         import orjson
 
         data = orjson.dumps(alert)
-        if self._producer is not None:
-            errors = []
-            self._producer.produce(self.topic, data, schemas.key_of("alerts", alert),
-                                   headers=self._headers, on_delivery=lambda err, _m: err and errors.append(err))
-            if self._producer.flush(30) or errors:
-                raise ConsumerError(f"cannot deliver alert to {self.topic}: {errors or 'timeout'}")
+        if self._kafka is not None:
+            self._kafka.send(data, schemas.key_of("alerts", alert), schemas.headers("alerts"))
         else:
             self._file.write(data + b"\n")
             self._file.flush()
@@ -316,8 +309,8 @@ class AlertSink:
         self.count += 1
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(30)
+        if self._kafka is not None:
+            self._kafka.close()
         elif self._fsync:
             self._file.close()
 

@@ -96,23 +96,42 @@ class FileDeadLetter:
         self._f.close()
 
 
+class AckedProducer:
+    """An idempotent producer to one topic whose `send` returns only once the broker has
+    acknowledged the message (or raises ConsumerError naming `what` was being written):
+    for side effects that must be durable before a consumer moves its offset on."""
+
+    def __init__(self, conf: dict, topic: str, what: str):
+        from confluent_kafka import KafkaException, Producer
+
+        self.topic, self._what = topic, what
+        try:
+            self._p = Producer({**conf, "enable.idempotence": True, "acks": "all"})
+        except KafkaException as e:
+            raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
+
+    def send(self, value: bytes, key: bytes | None = None, headers: list | None = None) -> None:
+        errors = []
+        self._p.produce(self.topic, value, key, headers=headers, on_delivery=lambda err, _m: err and errors.append(err))
+        if self._p.flush(30) or errors:
+            raise ConsumerError(f"cannot write {self._what} to {self.topic}: "
+                                f"{errors[0].str() if errors else 'timed out after 30s'}")
+
+    def close(self) -> None:
+        self._p.flush(30)
+
+
 class KafkaDeadLetter:
     """Dead letters to a Kafka topic; each put waits for the broker's acknowledgement."""
 
     def __init__(self, conf: dict, topic: str):
-        from confluent_kafka import Producer
-
-        self.topic = topic
-        self._p = Producer({**conf, "enable.idempotence": True, "acks": "all"})
+        self._out = AckedProducer(conf, topic, "a dead letter")
 
     def put(self, record: dict) -> None:
-        errors = []
-        self._p.produce(self.topic, orjson.dumps(record), on_delivery=lambda err, _m: err and errors.append(err))
-        if self._p.flush(30) or errors:
-            raise ConsumerError(f"cannot write to dead-letter topic {self.topic}: {errors or 'timeout'}")
+        self._out.send(orjson.dumps(record))
 
     def close(self) -> None:
-        self._p.flush(30)
+        self._out.close()
 
 
 def _unreachable(client, conf: dict, timeout: float, exc, errors) -> ConsumerError:

@@ -59,27 +59,15 @@ class CommandSender:
     """Produces commands to the control topic, each acknowledged before `send` returns."""
 
     def __init__(self, kafka_conf: dict, topic: str):
-        from confluent_kafka import KafkaException, Producer
-
-        from .base import ensure_topics
+        from .base import AckedProducer, ensure_topics
 
         ensure_topics(kafka_conf, [topic], partitions=1)  # one partition: one order for every command
-        self.topic = topic
-        try:
-            self._producer = Producer({**kafka_conf, "enable.idempotence": True, "acks": "all"})
-        except KafkaException as e:
-            raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
+        self._out = AckedProducer(kafka_conf, topic, "a command")
 
     def send(self, doc: dict) -> None:
-        errors = []
-        self._producer.produce(self.topic, orjson.dumps(doc), schemas.key_of("control", doc),
-                               headers=schemas.headers("control"),
-                               on_delivery=lambda err, _m: err and errors.append(err))
-        if self._producer.flush(30) or errors:
-            raise ConsumerError(f"cannot deliver the command to {self.topic}: "
-                                f"{errors[0].str() if errors else 'timed out after 30s'}")
+        self._out.send(orjson.dumps(doc), schemas.key_of("control", doc), schemas.headers("control"))
         cmd = doc["command"]
-        log.info("sent %s %s (command %s) to %s", cmd["action"], cmd["prefix"], cmd["id"], self.topic)
+        log.info("sent %s %s (command %s) to %s", cmd["action"], cmd["prefix"], cmd["id"], self._out.topic)
 
 
 def active_blocks(kafka_conf: dict, topic: str, now: float | None = None, timeout: float = 10.0) -> list[dict]:
