@@ -24,13 +24,12 @@ from typing import Callable
 import orjson
 
 from .. import schemas
-from .errors import ConfigError
+from .events import iso
 
 log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ALWAYS_ALLOWED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-MODES = {"dry_run": 1, "enforce": 2}  # the XDP program's ENFORCE_MODE
 
 
 def parse_prefix(text: str) -> Network:
@@ -77,13 +76,11 @@ class Enforcer:
     (a document for the enforcement stream)."""
 
     def __init__(self, prog, mode: str, policy: Policy, publish: Callable[[dict], None], shaper):
-        if mode not in MODES:
-            raise ConfigError(f"unknown enforcement mode {mode!r}")
+        """`mode`: dry_run or enforce, as the program was compiled (BpfConfig checks it)."""
         self.prog, self.mode, self.policy, self.publish, self.shaper = prog, mode, policy, publish, shaper
         self._tables = {4: prog.bpf[b"block_v4"], 6: prog.bpf[b"block_v6"]}
         self.blocks: dict[Network, _Block] = {}
         self._expiry: list[_Block] = []  # heap; stale entries skipped
-        self.applied = self.rejected = self.expired = self.removed = 0
         allow = {4: prog.bpf[b"allow_v4"], 6: prog.bpf[b"allow_v6"]}
         for net in policy.allowlist:
             table = allow[net.version]
@@ -104,18 +101,19 @@ class Enforcer:
         """The control topic's history at start: only each prefix's last valid command
         counts, and only blocks still within their TTL are applied (and reported). What was
         rejected or lifted before was reported then."""
-        last: dict[Network, bytes] = {}
+        last: dict[Network, tuple[dict, Network]] = {}
         for raw in raws:
             try:
                 doc = orjson.loads(raw)
-                if not schemas.is_valid("control", doc):
-                    continue
-                last[parse_prefix(doc["command"]["prefix"])] = raw
+                if schemas.is_valid("control", doc):
+                    net = parse_prefix(doc["command"]["prefix"])
+                    last[net] = doc, net
             except (orjson.JSONDecodeError, ValueError):
                 continue
-        for raw in last.values():
-            if orjson.loads(raw)["command"]["action"] == "block":
-                self.handle(raw, now)
+        now = time.time() if now is None else now
+        for doc, net in last.values():
+            if doc["command"]["action"] == "block":
+                self._apply(doc, net, now)
         log.info("restored %d blocks from %d commands in the control topic", len(self.blocks), len(raws))
 
     def handle(self, raw: bytes, now: float | None = None) -> None:
@@ -128,11 +126,15 @@ class Enforcer:
         errs = schemas.errors("control", doc)
         if errs:
             return self._reject(doc.get("command") if isinstance(doc, dict) else {}, f"invalid command: {errs[0]}")
-        cmd = doc["command"]
         try:
-            net = parse_prefix(cmd["prefix"])
+            net = parse_prefix(doc["command"]["prefix"])
         except ValueError as e:
-            return self._reject(cmd, str(e))
+            return self._reject(doc["command"], str(e))
+        self._apply(doc, net, now)
+
+    def _apply(self, doc: dict, net: Network, now: float) -> None:
+        """A valid command for `net`: unblock, refuse by policy, or block until its TTL."""
+        cmd = doc["command"]
         if cmd["action"] == "unblock":
             return self._unblock(net, cmd, "block_removed", cmd.get("reason") or "unblocked")
         refusal = self.policy.refuse(net, cmd["ttl_s"])
@@ -149,7 +151,6 @@ class Enforcer:
         block = _Block(expires, net, cmd)
         self.blocks[net] = block
         heapq.heappush(self._expiry, block)
-        self.applied += 1
         log.warning("blocking %s until %s (%s; command %s%s)", net, _iso(expires), cmd.get("reason") or "no reason",
                     cmd["id"], f", alert {cmd['alert_id']}" if cmd.get("alert_id") else "")
         self._publish("block_applied", cmd, net, expires=expires)
@@ -179,16 +180,11 @@ class Enforcer:
         matched = table.get(key)
         packets, nbytes = (matched.packets, matched.bytes) if matched is not None else (0, 0)
         del table[key]
-        if action == "block_expired":
-            self.expired += 1
-        else:
-            self.removed += 1
         log.warning("%s %s: %d packets matched while it was in place", action.replace("_", " "), net, packets)
         self._publish(action, cmd, net, reason=reason, expires=block.expires, packets=packets, nbytes=nbytes)
 
     def _reject(self, cmd, why: str) -> None:
         cmd = cmd if isinstance(cmd, dict) else {}
-        self.rejected += 1
         log.error("control command %s rejected: %s", cmd.get("id", "?"), why)
         self._publish("command_rejected", cmd, None, reason=why, rejection=why)
 
@@ -213,6 +209,4 @@ class Enforcer:
 
 
 def _iso(epoch_s: float) -> str:
-    from .events import iso
-
     return iso(int(epoch_s * 1e9))

@@ -249,8 +249,8 @@ class Attachment:
     def _attach_egress(self, prog: XdpProgram) -> None:
         """The other direction of SSH flows, where the kernel can (TCX, Linux >= 6.6). Not
         on loopback: there every packet leaves and arrives, and would count twice."""
-        if Path(f"/sys/class/net/{self.iface}/flags").exists() and \
-                int(Path(f"/sys/class/net/{self.iface}/flags").read_text(), 16) & 0x8:  # IFF_LOOPBACK
+        flags = Path(f"/sys/class/net/{self.iface}/flags")
+        if flags.exists() and int(flags.read_text(), 16) & 0x8:  # IFF_LOOPBACK
             log.info("%s is a loopback interface: both directions already arrive at XDP", self.iface)
             return
         try:
