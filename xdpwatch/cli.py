@@ -79,13 +79,18 @@ def kafka_options(pairs: list[str]) -> dict[str, str]:
     return conf
 
 
+def _option(parse, text: str, option: str):
+    """`parse(text)`, a ValueError becoming the usual bad-option error (exit 2)."""
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+
 def _prefix(text: str, option: str):
     from .producer.enforcement import parse_prefix
 
-    try:
-        return parse_prefix(text)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+    return _option(parse_prefix, text, option)
 
 
 def open_spool(directory: Path, max_mb: int):
@@ -206,14 +211,15 @@ def produce(
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
         streams = ("packet-counts", "ssh-flows") + (("enforcement",) if mode != "off" else ())
-        exporter = KafkaExporter(bootstrap_servers, topic_prefix, kafka_options(kafka_option), streams=streams)
+        extra = kafka_options(kafka_option)
+        exporter = KafkaExporter(bootstrap_servers, topic_prefix, extra, streams=streams)
         control_topic = schemas.topic(topic_prefix, "control")
         exporter.ensure_topics(topic_partitions, topic_replication,
                                single_partition=(control_topic,) if mode != "off" else ())
         if spool_max_mb:  # after Kafka answered: a wrong broker address leaves no trace on disk
             exporter.use_spool(open_spool(spool_dir, spool_max_mb))
         if mode != "off":
-            control = ControlReader(bootstrap_servers, control_topic, kafka_options(kafka_option))
+            control = ControlReader(bootstrap_servers, control_topic, extra)
     else:
         exporter = StdoutExporter()
 
@@ -337,20 +343,23 @@ def alert(
 def _duration(text: str, option: str) -> int:
     from .consumers.control import parse_duration
 
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+    return _option(parse_duration, text, option)
 
 
-def _send(bootstrap_servers, kafka_option, topic_prefix, log_level, doc) -> None:
-    from .consumers.control import CommandSender
+def _client_conf(bootstrap_servers, kafka_option, log_level) -> dict:
+    """Logging and the Kafka client settings of the control-plane commands."""
     from .consumers.errors import ConsumerError
 
     _setup_logging(log_level)
     if not bootstrap_servers:
         raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
-    conf = {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}
+    return {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}
+
+
+def _send(bootstrap_servers, kafka_option, topic_prefix, log_level, doc) -> None:
+    from .consumers.control import CommandSender
+
+    conf = _client_conf(bootstrap_servers, kafka_option, log_level)
     CommandSender(conf, schemas.topic(topic_prefix, "control")).send(doc)
     c = doc["command"]
     typer.echo(f"{c['action']} {c['prefix']} sent (command {c['id']}); producers report it on "
@@ -407,12 +416,8 @@ def blocks(
     import orjson
 
     from .consumers.control import active_blocks
-    from .consumers.errors import ConsumerError
 
-    _setup_logging(log_level)
-    if not bootstrap_servers:
-        raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
-    conf = {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}
+    conf = _client_conf(bootstrap_servers, kafka_option, log_level)
     found = active_blocks(conf, schemas.topic(topic_prefix, "enforcement"))
     for doc in found:
         if as_json:
