@@ -94,7 +94,6 @@ class Broker:
         else:
             self.argv += ["--storage-engine", "memory://tansu/"]
         self.log = open(self.dir / "broker.log", "ab")
-        self.proc = None
         self.start()
 
     def start(self) -> None:
@@ -137,8 +136,7 @@ class Broker:
         return set(AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=5).topics)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.stop_process()
+        self.stop_process()
         if self.s3 is not None:
             self.s3.stop()
         self.log.close()
@@ -159,7 +157,11 @@ class S3Server:
         self.log = open(workdir / "s3.log", "wb")
         self.proc = subprocess.Popen([str(self.MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._create_bucket, 20, f"the S3 server on {self.url}", interval=0.2)
+        try:
+            wait_for(self._create_bucket, 20, f"the S3 server on {self.url}", interval=0.2)
+        except AssertionError:
+            self.stop()
+            raise
 
     def client_env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT": self.url, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "xdpwatch",
@@ -295,9 +297,11 @@ LogLevel VERBOSE
         r = sh("ip", "netns", "exec", self.net.srv_ns, "ss", "-Hltn", f"src {self.net.srv_ip}:22", check=False)
         return bool(r.stdout.strip())
 
-    def client_cmd(self, remote_command: str) -> list[str]:
-        """argv for a real ssh login; run it in the client namespace (net.exec)."""
-        return ["ssh", "-i", str(self.dir / "client_key"), "-o", "StrictHostKeyChecking=no",
+    def client_cmd(self, remote_command: str, connect_timeout: int | None = None) -> list[str]:
+        """argv for a real ssh login; run it in the client namespace (net.exec). With
+        `connect_timeout`, ssh gives up connecting after that many seconds."""
+        timeout = ["-o", f"ConnectTimeout={connect_timeout}"] if connect_timeout else []
+        return ["ssh", *timeout, "-i", str(self.dir / "client_key"), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
                 f"root@{self.net.srv_ip}", remote_command]
 

@@ -13,7 +13,7 @@ import pytest
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import ifindex_of
 
-from .env import SOAK
+from .env import NOBODY_MAC, SOAK
 from .procs import XDPWATCH, ProducerProc
 
 pytestmark = pytest.mark.e2e
@@ -102,7 +102,7 @@ def test_sigkill_20_times_while_traffic_flows(testnet):
     from scapy.layers.l2 import Ether
 
     net = testnet
-    e = Ether(src=net.cli_mac, dst="02:00:00:00:00:99")
+    e = Ether(src=net.cli_mac, dst=NOBODY_MAC)
     frames = [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / UDP(dport=9999) / (b"x" * 64))] * 50 + \
              [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / TCP(sport=40000 + i, dport=22, flags="S")) for i in range(50)]
     stop, sent = threading.Event(), [0]
@@ -159,7 +159,7 @@ def test_runs_as_an_unprivileged_user_with_three_capabilities(testnet):
         wait_for(lambda: p.poll() is not None or libbpf.xdp_query(ifindex_of(net.iface)).prog_id, 60,
                  "the unprivileged producer to attach")
         assert p.poll() is None, p.stderr.read()
-        e = Ether(src=net.cli_mac, dst="02:00:00:00:00:99")
+        e = Ether(src=net.cli_mac, dst=NOBODY_MAC)
         net.send_frames([bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / UDP(dport=9999))] * 30)
         time.sleep(1.0)
         p.send_signal(signal.SIGTERM)

@@ -20,7 +20,8 @@ N = 60_000 if SOAK else 20_000
 
 
 def flood(net, producer_args: list[str]):
-    """N SYNs of distinct flows as fast as one sender goes; returns (summary, intervals, flow events)."""
+    """N SYNs of distinct flows as fast as one sender goes; returns the producer's final
+    counts (summary_of: the kernel's totals and the delivery) and the send rate."""
     frames = net.ssh_syns(range(1024, 1024 + N))
     args = ["--iface", net.iface, "--interval", "0.5", "--ringbuf-pages", "1", "--flow-idle-timeout", "2",
             "--flow-fin-linger", "0", *producer_args]
@@ -32,32 +33,21 @@ def flood(net, producer_args: list[str]):
         time.sleep(4)  # idle timeout + sweeps
         rc = producer.stop()
     assert rc == 0, producer.stderr
-    return summary_of(producer), producer.stderr, rate
-
-
-def kernel_totals(stderr: str) -> dict[str, int]:
-    """The producer's last word on the kernel counters: 'stopped: P packets, F SSH flows (E evicted), D ring-buffer drops'."""
-    line = next(s for s in stderr.splitlines() if "stopped:" in s).split("stopped: ", 1)[1]
-    packets, rest = line.split(" packets, ", 1)
-    flows, rest = rest.split(" SSH flows (", 1)
-    evicted, rest = rest.split(" evicted), ", 1)
-    drops = rest.split(" ring-buffer drops", 1)[0]
-    return {"packets": int(packets), "flows": int(flows), "evicted": int(evicted), "drops": int(drops)}
+    return summary_of(producer), rate
 
 
 def test_syn_flood_with_a_one_page_ring_buffer_loses_no_flow(testnet, broker_factory):
     """The flow table holds every flow: the ring buffer drops most start events, each one
     counted, and the sweep still reports every flow, exactly once, start and end."""
     broker = broker_factory()
-    summary, stderr, rate = flood(testnet, ["--bootstrap-servers", broker.bootstrap, "--flow-table-size", "65536"])
-    k = kernel_totals(stderr)
+    summary, rate = flood(testnet, ["--bootstrap-servers", broker.bootstrap, "--flow-table-size", "65536"])
     counts = [d for _, d in documents(broker, COUNTS)]
     # The counters add up: the intervals' deltas sum to the kernel's totals, and to what was sent.
-    assert sum(d["packets"]["total"] for d in counts) == sum(d["packets"]["ssh"] for d in counts) == k["packets"] == N
-    assert sum(d["flows"]["started"] for d in counts) == k["flows"] == N
+    assert sum(d["packets"]["total"] for d in counts) == sum(d["packets"]["ssh"] for d in counts) == summary["packets"] == N
+    assert sum(d["flows"]["started"] for d in counts) == summary["flows"] == N
     drops = sum(d["drops"]["ringbuf"] for d in counts)
-    assert drops == k["drops"] > 0, "a one-page ring buffer must overflow under this flood"
-    assert sum(d["flows"]["evicted"] for d in counts) == k["evicted"] == 0
+    assert drops == summary["drops"] > 0, "a one-page ring buffer must overflow under this flood"
+    assert sum(d["flows"]["evicted"] for d in counts) == summary["evicted"] == 0
     flows = documents(broker, FLOWS, min_messages=2 * N, timeout=120)
     per_flow = collections.defaultdict(list)
     for _, d in flows:
@@ -74,13 +64,12 @@ def test_syn_flood_past_a_small_flow_table_counts_every_eviction(testnet, broker
     Kafka only when both its start event was dropped (counted) and it was evicted before a
     sweep could see it."""
     broker = broker_factory()
-    summary, stderr, rate = flood(testnet, ["--bootstrap-servers", broker.bootstrap, "--flow-table-size", "1024"])
-    k = kernel_totals(stderr)
+    summary, rate = flood(testnet, ["--bootstrap-servers", broker.bootstrap, "--flow-table-size", "1024"])
     counts = [d for _, d in documents(broker, COUNTS)]
-    assert sum(d["flows"]["started"] for d in counts) == k["flows"] == N
+    assert sum(d["flows"]["started"] for d in counts) == summary["flows"] == N
     drops = sum(d["drops"]["ringbuf"] for d in counts)
     evicted = sum(d["flows"]["evicted"] for d in counts)
-    assert drops == k["drops"] and evicted == k["evicted"] > 0
+    assert drops == summary["drops"] and evicted == summary["evicted"] > 0
     flows = documents(broker, FLOWS, min_messages=2 * (N - drops), timeout=120)
     actions = collections.Counter(d["event"]["action"] for _, d in flows)
     ends = collections.Counter(d["event"]["reason"] for _, d in flows if d["event"]["action"] == "flow_end")

@@ -26,9 +26,13 @@ QUEUE = 40  # librdkafka's local queue, in events: small, so that the outage ove
 
 
 def summary_of(producer) -> dict[str, int]:
-    """The counts of the producer's last log line before exiting ("stopped: … events produced N, …")."""
+    """The counts of the producer's last log line before exiting: "stopped: P packets, F SSH
+    flows (E evicted), D ring-buffer drops; events produced N, delivered N, …" as
+    {packets, flows, evicted, drops, produced, delivered, failed, undelivered, spooled, dropped}."""
     line = next(s for s in producer.stderr_lines if "stopped:" in s)
-    return {k: int(v) for k, v in re.findall(r"(produced|delivered|failed|undelivered|spooled|dropped) (\d+)", line)}
+    kernel = re.search(r"stopped: (\d+) packets, (\d+) SSH flows \((\d+) evicted\), (\d+) ring-buffer drops", line)
+    return {**dict(zip(("packets", "flows", "evicted", "drops"), map(int, kernel.groups()))),
+            **{k: int(v) for k, v in re.findall(r"(produced|delivered|failed|undelivered|spooled|dropped) (\d+)", line)}}
 
 
 @pytest.mark.parametrize("how", ["stop", "kill -9"])

@@ -37,8 +37,7 @@ def test_bruteforce_is_blocked_in_the_kernel_until_the_ttl_passes(testnet, sshd,
     broker = broker_factory(value_schemas={f"xdpwatch.{s}": schemas.load(s) for s in schemas.names()})
     bs = ["--bootstrap-servers", broker.bootstrap]
     (tmp_path / "rules.toml").write_text(RULES)
-    login = sshd.client_cmd("echo in")
-    login[1:1] = ["-o", "ConnectTimeout=3"]
+    login = sshd.client_cmd("echo in", connect_timeout=3)
 
     with ProducerProc("--iface", net.iface, *bs, "--interval", "0.5", "--flow-fin-linger", "0.5",
                       "--enforce", "--allow", "10.0.0.0/8") as producer, \
@@ -112,8 +111,7 @@ def test_blocks_are_rebuilt_from_the_control_topic_and_dry_run_only_counts(testn
     net = testnet
     broker = broker_factory(value_schemas={f"xdpwatch.{s}": schemas.load(s) for s in schemas.names()})
     bs = ["--bootstrap-servers", broker.bootstrap]
-    login = sshd.client_cmd("echo in")
-    login[1:1] = ["-o", "ConnectTimeout=3"]
+    login = sshd.client_cmd("echo in", connect_timeout=3)
 
     def can_login() -> bool:
         r = net.exec(net.cli_ns, login, capture_output=True, text=True, timeout=30)
