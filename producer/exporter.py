@@ -58,6 +58,10 @@ class KafkaExporter:
     # Spooled events sent per turn of the run loop, so that draining a big spool never
     # keeps the loop from the ring buffer for long.
     DRAIN_BATCH = 5000
+    # librdkafka frees the slot of an acknowledged message only when poll() serves it. One
+    # turn can hand over a whole ring buffer of events, so poll every this many produces:
+    # without it a burst fills the local queue (and the spool) while the broker keeps up.
+    POLL_EVERY = 1000
 
     def __init__(self, bootstrap: str, topic_prefix: str, extra: dict[str, str] | None = None,
                  client_id: str = "xdpwatch-producer", streams: tuple[str, ...] = ("packet-counts", "ssh-flows")):
@@ -72,6 +76,7 @@ class KafkaExporter:
         self._returned: list | None = None  # collects purged events at shutdown
         self._last_error_log = self._last_drop_log = 0.0
         self._purged_codes = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
+        self._unpolled = 0  # produces since the last poll
         try:
             self._producer = Producer(self.conf, logger=logging.getLogger("librdkafka"))
         except KafkaException as e:
@@ -141,12 +146,22 @@ class KafkaExporter:
 
     def _produce(self, stream: str, key: bytes | None, value: bytes) -> bool:
         """Queue one event in librdkafka; False when its local queue is full."""
+        producer = self._producer
         try:
-            self._producer.produce(self.topics[stream], value, key, headers=self._headers[stream],
-                                   on_delivery=self._on_delivery)
+            producer.produce(self.topics[stream], value, key, headers=self._headers[stream],
+                             on_delivery=self._on_delivery)
         except BufferError:
-            return False
+            if not self._unpolled:
+                return False
+            # Full of acknowledged messages not yet served? Serve them, then try once more.
+            self._unpolled = 0
+            producer.poll(0)
+            return self._produce(stream, key, value)
         self.stats.produced += 1
+        self._unpolled += 1
+        if self._unpolled >= self.POLL_EVERY:
+            self._unpolled = 0
+            producer.poll(0)
         return True
 
     def _overflow(self, stream: str, key: bytes | None, value: bytes) -> None:
@@ -182,6 +197,7 @@ class KafkaExporter:
                 log.info("spool drained: every spooled event is queued for Kafka")
 
     def poll(self) -> None:
+        self._unpolled = 0
         self._producer.poll(0)
         if self.spool is not None and len(self.spool):
             self._drain_spool(self.DRAIN_BATCH)
