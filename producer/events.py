@@ -5,7 +5,7 @@ Pure functions of their inputs plus a Clock, so they are unit-tested without a k
 
 from __future__ import annotations
 
-import base64
+import binascii
 import datetime as dt
 import hashlib
 import socket
@@ -84,15 +84,19 @@ def boot_id() -> str:
         return "noboot"
 
 
-def community_id(key: FlowKey, seed: int = 0) -> str:
-    """Community ID v1 (https://github.com/corelight/community-id-spec) of a TCP/UDP flow."""
-    n = 4 if key.family == 4 else 16
-    src, dst = bytes(key.client_addr[:n]), bytes(key.server_addr[:n])
+_PORTS = struct.Struct("!BBHH")
+_SEED = struct.pack("!H", 0)
+
+
+def community_id(key: FlowKey, addrs: tuple[bytes, bytes] | None = None) -> str:
+    """Community ID v1 (https://github.com/corelight/community-id-spec, seed 0) of a
+    TCP/UDP flow; `addrs` is key.addrs() when the caller has it already."""
+    src, dst = addrs or key.addrs()
     sport, dport = key.client_port, key.server_port
     if (src, sport) > (dst, dport):
         src, dst, sport, dport = dst, src, dport, sport
-    data = struct.pack("!H", seed) + src + dst + struct.pack("!BBHH", key.proto, 0, sport, dport)
-    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode()
+    digest = hashlib.sha1(_SEED + src + dst + _PORTS.pack(key.proto, 0, sport, dport)).digest()
+    return "1:" + binascii.b2a_base64(digest, newline=False).decode()
 
 
 @dataclass
@@ -150,27 +154,33 @@ class EventShaper:
     def flow(self, r: FlowReport) -> dict:
         """The document for one flow report."""
         k, v = r.key, r.val
-        cid = community_id(k)
-        client = {"ip": k.client_ip, "port": k.client_port,
-                  "packets": v.packets - v.to_client_packets, "bytes": v.bytes - v.to_client_bytes}
-        server = {"ip": k.server_ip, "port": k.server_port, "packets": v.to_client_packets, "bytes": v.to_client_bytes}
-        start, end = self.clock.wall_ns(v.first_ns), self.clock.wall_ns(v.last_ns)
+        addrs = k.addrs()
+        cid = community_id(k, addrs)
+        af = socket.AF_INET if k.family == 4 else socket.AF_INET6
+        packets, nbytes, first_ns, last_ns = v.packets, v.bytes, v.first_ns, v.last_ns
+        to_client_packets, to_client_bytes = v.to_client_packets, v.to_client_bytes
+        client = {"ip": socket.inet_ntop(af, addrs[0]), "port": k.client_port,
+                  "packets": packets - to_client_packets, "bytes": nbytes - to_client_bytes}
+        server = {"ip": socket.inet_ntop(af, addrs[1]), "port": k.server_port,
+                  "packets": to_client_packets, "bytes": to_client_bytes}
+        start = iso(self.clock.wall_ns(first_ns))
+        end = start if last_ns == first_ns else iso(self.clock.wall_ns(last_ns))
         event = {
             "id": self._next_id(), "kind": "event", "module": "xdpwatch", "dataset": "xdpwatch.ssh_flows",
             "category": ["network"], "type": EVENT_TYPES[r.action], "action": r.action,
-            "start": iso(start), "end": iso(end), "duration": v.last_ns - v.first_ns,
+            "start": start, "end": end, "duration": last_ns - first_ns,
         }
         if r.reason is not None:
             event["reason"] = r.reason
         doc = {
             "@timestamp": event["start"] if r.action == "flow_start" else event["end"],
             "event": event,
-            "flow": {"id": f"{self._id_prefix}-f{v.first_ns:x}-{cid[2:10]}",
+            "flow": {"id": f"{self._id_prefix}-f{first_ns:x}-{cid[2:10]}",
                      "midstream": bool(v.midstream)},
             "source": client,
             "destination": server,
             "network": {"transport": "tcp", "type": "ipv4" if k.family == 4 else "ipv6",
-                        "packets": v.packets, "bytes": v.bytes,
+                        "packets": packets, "bytes": nbytes,
                         "direction": DIRECTIONS[v.directions],
                         "community_id": cid},
             "tcp": {"flags": tcp_flag_names(v.tcp_flags)},

@@ -11,11 +11,14 @@ Every `sweep()` reads the whole table and decides per flow:
   active timeout since report  -> flow_update
 A flow we knew that is gone from the table ends as flow_end(evicted) with the last counts
 read. A table entry we never heard of (its start event was dropped) is reported as started.
+
+Keys and values are kept and reported as given, never copied: both sources hand over
+objects of their own (decode_event and map_lookup_batch copy out of kernel memory), and
+nothing here changes one in place.
 """
 
 from __future__ import annotations
 
-import ctypes as ct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
@@ -35,7 +38,7 @@ class FlowTimeouts:
     fin_linger_ns: int = 2 * 10**9
 
 
-@dataclass
+@dataclass(slots=True)
 class FlowReport:
     """One thing to tell the world about a flow."""
 
@@ -46,7 +49,7 @@ class FlowReport:
     banners: dict[int, bytes] = field(default_factory=dict)  # DIR_* -> the SSH identification bytes
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tracked:
     key: FlowKey
     val: FlowValue
@@ -54,10 +57,6 @@ class _Tracked:
     last_report_ns: int
     ended: bool = False
     banners: dict[int, bytes] = field(default_factory=dict)
-
-
-def _copy(v: ct.Structure):
-    return type(v).from_buffer_copy(v)
 
 
 @dataclass
@@ -95,7 +94,7 @@ class FlowTracker:
                 # Its start event was lost: still report the start before the end.
                 t = self._start(kb, ev.key, ev.val, ev.val.first_ns)
             if not t.ended:
-                t.val = _copy(ev.val)
+                t.val = ev.val
                 self._end(t, "rst", t.val)
 
     def _start(self, kb: bytes, key: FlowKey, val: FlowValue, now_ns: int) -> _Tracked:
@@ -104,14 +103,14 @@ class FlowTracker:
             # The kernel replaced the entry (table full, or the 5-tuple reused) before we
             # saw the old flow end.
             self._evict(old)
-        t = _Tracked(_copy(key), _copy(val), self._generation, now_ns)
+        t = _Tracked(key, val, self._generation, now_ns)
         self._flows[kb] = t
-        self.report(FlowReport("flow_start", None, t.key, _copy(val)))
+        self.report(FlowReport("flow_start", None, key, val))
         return t
 
     def _end(self, t: _Tracked, reason: str, val: FlowValue) -> None:
         t.ended = True
-        self.report(FlowReport("flow_end", reason, t.key, _copy(val), t.banners))
+        self.report(FlowReport("flow_end", reason, t.key, val, t.banners))
 
     def _evict(self, t: _Tracked) -> None:
         self.evicted += 1
@@ -149,7 +148,7 @@ class FlowTracker:
                 self._finish(kb, t, "idle")
             elif now_ns - t.last_report_ns >= to.active_ns:
                 t.last_report_ns = now_ns
-                self.report(FlowReport("flow_update", None, t.key, _copy(val), t.banners))
+                self.report(FlowReport("flow_update", None, t.key, val, t.banners))
         for kb, t in list(self._flows.items()):
             if kb not in present and t.generation < self._generation:
                 if not t.ended:

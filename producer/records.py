@@ -51,18 +51,20 @@ class FlowKey(ct.Structure):
         ("_pad", ct.c_uint8 * 2),
     ]
 
-    def _addr(self, raw) -> str:
+    def addrs(self) -> tuple[bytes, bytes]:
+        """(client, server) address bytes: 4 for IPv4, 16 for IPv6."""
+        raw = bytes(self)  # one copy; slicing a ctypes array builds a list
         if self.family == 4:
-            return socket.inet_ntop(socket.AF_INET, bytes(raw[:4]))
-        return socket.inet_ntop(socket.AF_INET6, bytes(raw))
+            return raw[0:4], raw[16:20]
+        return raw[0:16], raw[16:32]
 
     @property
     def client_ip(self) -> str:
-        return self._addr(self.client_addr)
+        return socket.inet_ntop(socket.AF_INET if self.family == 4 else socket.AF_INET6, self.addrs()[0])
 
     @property
     def server_ip(self) -> str:
-        return self._addr(self.server_addr)
+        return socket.inet_ntop(socket.AF_INET if self.family == 4 else socket.AF_INET6, self.addrs()[1])
 
 
 SERVER_SIZES = 12
