@@ -8,7 +8,8 @@
  * truncated or invalid header is counted as `malformed` and the packet is passed.
  *
  * Maps (read by producer/loader.py and producer/enforcement.py):
- *   counters   per-CPU array of {packets, bytes}, indexed by enum counter_id
+ *   counters   per-CPU array of one struct counters: {packets, bytes} per enum counter_id
+ *              (and this CPU's cache of the coarse clock)
  *   flows      LRU hash flow_key -> flow_value; user space ends flows (FIN linger, idle,
  *              shutdown) and deletes them; the kernel only creates and updates entries
  *   events     ring buffer of struct flow_event (flow start, flow end on RST)
@@ -58,7 +59,7 @@ struct ipv6_frag {
 	__be32 identification;
 };
 
-BPF_PERCPU_ARRAY(counters, struct counter, NR_COUNTERS);
+BPF_PERCPU_ARRAY(counters, struct counters, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_LPM_TRIE(block_v4, struct lpm_v4, struct block_value, BLOCKLIST_SIZE);
@@ -70,27 +71,27 @@ BPF_TABLE("lru_hash", struct src_key, __u64, syn_rate, SYN_RATE_TABLE_SIZE);
 #endif
 
 /* Packet classes count ingress only (the packet-counts records are about what arrives);
- * the parse functions below take `egress` and use this. */
-#define COUNT(idx, len) do { if (!egress) count(idx, len); } while (0)
+ * the parse functions below take `egress` and this CPU's counters `cs`, and use this. */
+#define COUNT(idx, len) do { if (!egress) count(cs, idx, len); } while (0)
 
 /* The verdict for a packet enforcement catches: dropped only in enforce mode. */
 #define CAUGHT (ENFORCE_MODE == 2 ? XDP_DROP : XDP_PASS)
 
-static __always_inline void count(__u32 idx, __u64 len)
+/* `cs` is this CPU's element of `counters`, looked up once per packet by parse_frame:
+ * per-CPU, so plain increments are exact. */
+static __always_inline void count(struct counters *cs, __u32 idx, __u64 len)
 {
-	struct counter *c = counters.lookup(&idx);
-	if (c) {
-		c->packets++;
-		c->bytes += len;
-	}
+	cs->c[idx].packets++;
+	cs->c[idx].bytes += len;
 }
 
 /* Reserve, fill, submit; a full ring buffer is counted, never silent. */
-static __always_inline void emit(struct flow_key *key, struct flow_value *val, __u32 type)
+static __always_inline void emit(struct counters *cs, struct flow_key *key, struct flow_value *val,
+				 __u32 type)
 {
 	struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
 	if (!e) {
-		count(C_RINGBUF_DROPS, 0);
+		count(cs, C_RINGBUF_DROPS, 0);
 		return;
 	}
 	__builtin_memcpy(&e->val, val, sizeof(struct flow_value));
@@ -98,7 +99,7 @@ static __always_inline void emit(struct flow_key *key, struct flow_value *val, _
 	e->type = type;
 	e->_pad = 0;
 	events.ringbuf_submit(e, 0);
-	count(C_EVENTS_SUBMITTED, 0);
+	count(cs, C_EVENTS_SUBMITTED, 0);
 }
 
 /* Where a TCP payload is: `off` bytes from the start of the frame, `len` bytes long. */
@@ -110,14 +111,14 @@ struct payload {
 
 /* The first payload packet of each direction: if it starts with "SSH-", its first
  * BANNER_MAX bytes go to user space as a banner_event (the software versions). */
-static __always_inline void capture_banner(struct flow_key *key, __u64 first_ns, __u32 dir,
-					   struct payload *pl, int egress)
+static __always_inline void capture_banner(struct counters *cs, struct flow_key *key, __u64 first_ns,
+					   __u32 dir, struct payload *pl, int egress)
 {
 	if (pl->len < 4)
 		return;
 	struct banner_event *e = events.ringbuf_reserve(sizeof(struct banner_event));
 	if (!e) {
-		count(C_RINGBUF_DROPS, 0);
+		count(cs, C_RINGBUF_DROPS, 0);
 		return;
 	}
 	__u32 n = pl->len > BANNER_MAX ? BANNER_MAX : pl->len;
@@ -139,29 +140,62 @@ static __always_inline void capture_banner(struct flow_key *key, __u64 first_ns,
 	e->dir = dir;
 	e->_pad = 0;
 	events.ringbuf_submit(e, 0);
-	count(C_EVENTS_SUBMITTED, 0);
+	count(cs, C_EVENTS_SUBMITTED, 0);
+}
+
+/* CLOCK_MONOTONIC as of the last tick, for the ordinary packets of known flows (see
+ * update_flow). bpf_ktime_get_coarse_ns() is a helper call (about 3 ns here); jiffies is a
+ * load the verifier inlines, and the coarse clock moves only with it: read the clock once per
+ * tick on each CPU, kept in this CPU's counters element. It is behind the precise clock by
+ * up to a tick (4 ms at HZ=250; at most 6.1 ms measured on this VM, where ticks can come
+ * late). The tick moves jiffies just before the clock: a read between the two keeps the
+ * previous tick's time one tick longer. */
+static __always_inline __u64 coarse_ns(struct counters *cs)
+{
+	__u64 j = bpf_jiffies64();
+	if (j != cs->clock_jiffies) {
+		cs->clock_ns = bpf_ktime_get_coarse_ns();
+		cs->clock_jiffies = j;
+	}
+	return cs->clock_ns;
 }
 
 /* `egress`: the packet leaves through the interface (TC hook); it counts in the flow, in
  * its direction, but not in `directions`, which tells what the ingress saw. */
-static __always_inline void update_flow(struct flow_key *key, struct flow_value *v,
-					__u32 flags, __u32 dir, __u64 len, __u64 now, int egress,
-					struct payload *pl)
+static __always_inline void update_flow(struct counters *cs, struct flow_key *key, struct flow_value *v,
+					__u32 flags, __u32 dir, __u64 len, int egress, struct payload *pl)
 {
+	/* Atomic: the XDP and the egress program (or XDP on two RX queues) can update one flow
+	 * on two CPUs at once. */
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, len);
 	if (dir == DIR_TO_CLIENT) {
 		__sync_fetch_and_add(&v->to_client_packets, 1);
 		__sync_fetch_and_add(&v->to_client_bytes, len);
 	}
-	v->last_ns = now;
+	/* The clock. bpf_ktime_get_ns() costs about 25 ns on this VM, four bare XDP_PASS
+	 * programs, and this is the path of every packet of a known flow. A packet that ends
+	 * the connection (FIN, RST) is timed with it, as a new flow is: fin_ns and rst_ns are
+	 * precise. Every other packet only moves last_ns, with coarse_ns() (the same clock, a
+	 * few ms behind: a flow's reported end, and its idle timeout, can be that much early).
+	 * That can be older than a precise time already stored (first_ns, a FIN's), so it only
+	 * ever moves last_ns forward: last_ns >= first_ns always. */
+	__u64 now;
+	if (flags & (TH_FIN | TH_RST)) {
+		now = bpf_ktime_get_ns();
+		v->last_ns = now;
+	} else {
+		now = coarse_ns(cs);
+		if (now > v->last_ns)
+			v->last_ns = now;
+	}
 	if (flags & ~v->tcp_flags)
 		v->tcp_flags |= flags;
 	if (!egress && !(v->directions & dir))
 		v->directions |= dir;
 	if (pl->len > 0 && !(v->banners & dir)) {
 		v->banners |= dir;
-		capture_banner(key, v->first_ns, dir, pl, egress);
+		capture_banner(cs, key, v->first_ns, dir, pl, egress);
 	}
 	if (pl->len > 0 && dir == DIR_TO_CLIENT) {
 		__u8 i = v->nsizes;
@@ -172,25 +206,25 @@ static __always_inline void update_flow(struct flow_key *key, struct flow_value 
 	}
 	if ((flags & TH_RST) && !v->rst_ns) {
 		v->rst_ns = now;
-		emit(key, v, EV_FLOW_END_RST);
+		emit(cs, key, v, EV_FLOW_END_RST);
 	} else if ((flags & TH_FIN) && !v->fin_ns) {
 		v->fin_ns = now;
 	}
 }
 
-static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 dir, __u64 len, int egress,
-					struct payload *pl)
+static __always_inline void track_flow(struct counters *cs, struct flow_key *key, __u32 flags, __u32 dir,
+					__u64 len, int egress, struct payload *pl)
 {
-	__u64 now = bpf_ktime_get_ns();
 	int syn = flags & TH_SYN;
 	struct flow_value *v = flows.lookup(key);
 
 	/* A SYN on a flow already ended by RST is a new connection reusing the 5-tuple. */
 	if (v && !(v->rst_ns && syn)) {
-		update_flow(key, v, flags, dir, len, now, egress, pl);
+		update_flow(cs, key, v, flags, dir, len, egress, pl);
 		return;
 	}
 
+	__u64 now = bpf_ktime_get_ns(); /* a new flow: the precise clock for first_ns */
 	struct flow_value nv = {};
 	nv.first_ns = now;
 	nv.last_ns = now;
@@ -221,21 +255,22 @@ static __always_inline void track_flow(struct flow_key *key, __u32 flags, __u32 
 		/* Another CPU created it first: count this packet there. */
 		v = flows.lookup(key);
 		if (v)
-			update_flow(key, v, flags, dir, len, now, egress, pl);
+			update_flow(cs, key, v, flags, dir, len, egress, pl);
 		return;
 	}
-	count(C_FLOWS_STARTED, 0);
-	emit(key, &nv, EV_FLOW_START);
+	count(cs, C_FLOWS_STARTED, 0);
+	emit(cs, key, &nv, EV_FLOW_START);
 	if (nv.banners)
-		capture_banner(key, nv.first_ns, dir, pl, egress);
+		capture_banner(cs, key, nv.first_ns, dir, pl, egress);
 	if (nv.rst_ns)
-		emit(key, &nv, EV_FLOW_END_RST);
+		emit(cs, key, &nv, EV_FLOW_END_RST);
 }
 
 /* Enforcement by source address, before anything else is parsed: an allowlisted source
  * passes (and *allowed is set, exempting it from the SYN limit); a blocklisted one is
  * counted on its entry and CAUGHT. */
-static __always_inline int check_source(void *saddr, int family, __u64 len, int egress, int *allowed)
+static __always_inline int check_source(struct counters *cs, void *saddr, int family, __u64 len, int egress,
+					int *allowed)
 {
 #if ENFORCE_MODE
 	if (egress) /* enforcement is about what arrives */
@@ -261,7 +296,7 @@ static __always_inline int check_source(void *saddr, int family, __u64 len, int 
 	if (b) {
 		__sync_fetch_and_add(&b->packets, 1);
 		__sync_fetch_and_add(&b->bytes, len);
-		count(C_BLOCKED, len);
+		count(cs, C_BLOCKED, len);
 		return CAUGHT;
 	}
 #endif
@@ -294,11 +329,25 @@ static __always_inline int syn_over_limit(struct flow_key *key)
 	return 0;
 }
 
+/* The addresses of a flow key; IPv4 uses the first 4 bytes of each, the rest stays zero.
+ * (__u32 pointers: IP header addresses are 4-byte fields, copied in words, not bytes.) */
+static __always_inline void key_addrs(struct flow_key *key, int family, __u32 *client, __u32 *server)
+{
+	if (family == 4) {
+		__builtin_memcpy(key->client_addr, client, 4);
+		__builtin_memcpy(key->server_addr, server, 4);
+	} else {
+		__builtin_memcpy(key->client_addr, client, 16);
+		__builtin_memcpy(key->server_addr, server, 16);
+	}
+}
+
 /* L4 of an IP packet whose L3 header was valid. `l4` points after the IP headers;
- * `first_frag` is 0 for non-first fragments (no L4 header in them). Returns the verdict. */
-static __always_inline int parse_l4(void *ctx, void *data, void *l4, void *data_end, __u8 proto,
-				    int first_frag, struct flow_key *key, __u64 len, __s32 l4_len,
-				    int allowed, int egress)
+ * `first_frag` is 0 for non-first fragments (no L4 header in them); `saddr` and `daddr`
+ * are the packet's addresses (4 or 16 bytes: `family`). Returns the verdict. */
+static __always_inline int parse_l4(struct counters *cs, void *ctx, void *data, void *l4, void *data_end,
+				    __u8 proto, int first_frag, int family, __u32 *saddr, __u32 *daddr, __u64 len,
+				    __s32 l4_len, int allowed, int egress)
 {
 	if (proto == IPPROTO_TCP) {
 		COUNT(C_TCP, len);
@@ -316,34 +365,35 @@ static __always_inline int parse_l4(void *ctx, void *data, void *l4, void *data_
 		if (!ssh_src && !ssh_dst)
 			return XDP_PASS;
 		COUNT(C_SSH, len);
-		key->proto = IPPROTO_TCP;
+		/* The key only now, for SSH packets: every other packet is spared building it. */
+		struct flow_key key = {};
+		key.family = family;
+		key.proto = IPPROTO_TCP;
 		/* The payload from the IP length, not the frame's: short frames carry padding. */
 		struct payload pl = {.ctx = ctx, .off = (__u32)((void *)tcp - data) + tcp->doff * 4,
 				     .len = l4_len - tcp->doff * 4};
 		/* Both ports SSH ports (e.g. 2222 <-> 22): the lower port is the server, so both
 		 * directions of the connection land on one key. */
 		int to_client = ssh_src && (!ssh_dst || sport < dport);
-		if (to_client) { /* server -> client: flip into the client -> server key */
-			__u8 tmp[16];
-			__builtin_memcpy(tmp, key->client_addr, 16);
-			__builtin_memcpy(key->client_addr, key->server_addr, 16);
-			__builtin_memcpy(key->server_addr, tmp, 16);
-			key->client_port = dport;
-			key->server_port = sport;
-			track_flow(key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len, egress, &pl);
+		if (to_client) { /* server -> client: the client is the destination */
+			key_addrs(&key, family, daddr, saddr);
+			key.client_port = dport;
+			key.server_port = sport;
+			track_flow(cs, &key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len, egress, &pl);
 		} else {
-			key->client_port = sport;
-			key->server_port = dport;
+			key_addrs(&key, family, saddr, daddr);
+			key.client_port = sport;
+			key.server_port = dport;
 			__u8 flags = ((__u8 *)tcp)[13];
 			/* A new connection (SYN without ACK) over its source's limit: counted, and in
 			 * enforce mode dropped before it becomes a flow. */
 			if (SYN_RATE && !egress && (flags & (TH_SYN | TH_ACK)) == TH_SYN && !allowed &&
-			    syn_over_limit(key)) {
+			    syn_over_limit(&key)) {
 				COUNT(C_SYN_LIMITED, len);
 				if (CAUGHT == XDP_DROP)
 					return XDP_DROP;
 			}
-			track_flow(key, flags, DIR_TO_SERVER, len, egress, &pl);
+			track_flow(cs, &key, flags, DIR_TO_SERVER, len, egress, &pl);
 		}
 	} else if (proto == IPPROTO_UDP) {
 		COUNT(C_UDP, len);
@@ -357,7 +407,8 @@ static __always_inline int parse_l4(void *ctx, void *data, void *l4, void *data_
 	return XDP_PASS;
 }
 
-static __always_inline int parse_ipv4(void *ctx, void *data, void *cur, void *data_end, __u64 len, int egress)
+static __always_inline int parse_ipv4(struct counters *cs, void *ctx, void *data, void *cur, void *data_end,
+				      __u64 len, int egress)
 {
 	struct iphdr *ip = cur;
 	if ((void *)(ip + 1) > data_end) {
@@ -370,21 +421,17 @@ static __always_inline int parse_ipv4(void *ctx, void *data, void *cur, void *da
 		return XDP_PASS;
 	}
 	int allowed = 0;
-	int verdict = check_source(&ip->saddr, 4, len, egress, &allowed);
+	int verdict = check_source(cs, &ip->saddr, 4, len, egress, &allowed);
 	if (verdict != XDP_PASS)
 		return verdict;
-	struct flow_key key = {};
-	key.family = 4;
-	/* packet source/destination; parse_l4 flips them when the source is the server */
-	__builtin_memcpy(key.client_addr, &ip->saddr, 4);
-	__builtin_memcpy(key.server_addr, &ip->daddr, 4);
 	int first_frag = (ip->frag_off & bpf_htons(0x1FFF)) == 0;
 	__s32 l4_len = (__s32)bpf_ntohs(ip->tot_len) - (__s32)hlen;
-	return parse_l4(ctx, data, cur + hlen, data_end, ip->protocol, first_frag, &key, len, l4_len, allowed,
-			egress);
+	return parse_l4(cs, ctx, data, cur + hlen, data_end, ip->protocol, first_frag, 4, &ip->saddr, &ip->daddr,
+			len, l4_len, allowed, egress);
 }
 
-static __always_inline int parse_ipv6(void *ctx, void *data, void *cur, void *data_end, __u64 len, int egress)
+static __always_inline int parse_ipv6(struct counters *cs, void *ctx, void *data, void *cur, void *data_end,
+				      __u64 len, int egress)
 {
 	struct ipv6hdr *ip6 = cur;
 	if ((void *)(ip6 + 1) > data_end) {
@@ -392,7 +439,7 @@ static __always_inline int parse_ipv6(void *ctx, void *data, void *cur, void *da
 		return XDP_PASS;
 	}
 	int allowed = 0;
-	int verdict = check_source(&ip6->saddr, 6, len, egress, &allowed);
+	int verdict = check_source(cs, &ip6->saddr, 6, len, egress, &allowed);
 	if (verdict != XDP_PASS)
 		return verdict;
 	__u8 nexthdr = ip6->nexthdr;
@@ -436,17 +483,18 @@ static __always_inline int parse_ipv6(void *ctx, void *data, void *cur, void *da
 		}
 	}
 
-	struct flow_key key = {};
-	key.family = 6;
-	__builtin_memcpy(key.client_addr, &ip6->saddr, 16);
-	__builtin_memcpy(key.server_addr, &ip6->daddr, 16);
 	__s32 l4_len = (__s32)bpf_ntohs(ip6->payload_len) - (__s32)(l4 - (void *)(ip6 + 1));
-	return parse_l4(ctx, data, l4, data_end, nexthdr, first_frag, &key, len, l4_len, allowed, egress);
+	return parse_l4(cs, ctx, data, l4, data_end, nexthdr, first_frag, 6, (__u32 *)&ip6->saddr,
+			(__u32 *)&ip6->daddr, len, l4_len, allowed, egress);
 }
 
 /* Ethernet and VLAN tags, then L3: shared by the XDP (ingress) and TC (egress) programs. */
 static __always_inline int parse_frame(void *ctx, void *data, void *data_end, __u64 len, int egress)
 {
+	__u32 zero = 0;
+	struct counters *cs = counters.lookup(&zero);
+	if (!cs) /* never: the array's one element always exists */
+		return XDP_PASS;
 	COUNT(C_TOTAL, len);
 
 	struct ethhdr *eth = data;
@@ -476,10 +524,10 @@ static __always_inline int parse_frame(void *ctx, void *data, void *data_end, __
 
 	if (proto == ETH_P_IP) {
 		COUNT(C_IPV4, len);
-		return parse_ipv4(ctx, data, cur, data_end, len, egress);
+		return parse_ipv4(cs, ctx, data, cur, data_end, len, egress);
 	} else if (proto == ETH_P_IPV6) {
 		COUNT(C_IPV6, len);
-		return parse_ipv6(ctx, data, cur, data_end, len, egress);
+		return parse_ipv6(cs, ctx, data, cur, data_end, len, egress);
 	} else if (proto == ETH_P_ARP) {
 		COUNT(C_ARP, len);
 	} else {

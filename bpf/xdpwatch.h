@@ -4,7 +4,8 @@
 #ifndef XDPWATCH_H
 #define XDPWATCH_H
 
-/* Index into the per-CPU `counters` array. Keep in sync with producer/records.py. */
+/* Index into struct counters (the per-CPU `counters` map's one element). Keep in sync
+ * with producer/records.py. */
 enum counter_id {
 	C_TOTAL = 0,
 	C_IPV4,
@@ -31,6 +32,16 @@ struct counter {
 	__u64 bytes;
 };
 
+/* The one element of the per-CPU `counters` array: all of a CPU's counters side by side,
+ * so that a packet looks the map up once, not once per counter it moves. */
+struct counters {
+	struct counter c[NR_COUNTERS];
+	/* Not counters: this CPU's cache of the coarse clock (xdpwatch.bpf.c, coarse_ns()),
+	 * here because this element is looked up for every packet anyway. */
+	__u64 clock_jiffies;  /* jiffies when clock_ns was read */
+	__u64 clock_ns;       /* bpf_ktime_get_coarse_ns() then */
+};
+
 /* 5-tuple of a connection, normalised so both directions share one entry: the server is
  * the side on an SSH port, the client the other. IPv4 uses the first 4 bytes of addrs. */
 struct flow_key {
@@ -47,7 +58,8 @@ struct flow_key {
 
 struct flow_value {
 	__u64 first_ns;       /* bpf_ktime_get_ns() of the first packet */
-	__u64 last_ns;        /* ... of the latest packet */
+	__u64 last_ns;        /* ... of the latest packet: precise for a flow's first packet and for FIN and RST,
+	                       * bpf_ktime_get_coarse_ns() (a few ms behind) for the others */
 	__u64 fin_ns;         /* first FIN seen, 0 if none */
 	__u64 rst_ns;         /* first RST seen, 0 if none: the flow has ended */
 	__u64 packets;        /* both directions, as far as the hooks see them */

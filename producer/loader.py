@@ -152,11 +152,10 @@ class XdpProgram:
     # ---- counters ----
     def read_counters(self) -> list[tuple[int, int]]:
         """Cumulative (packets, bytes) per counter id, summed over CPUs."""
-        out = []
-        for i in range(NR_COUNTERS):
-            per_cpu = self._counters.getvalue(self._counters.Key(i))
-            out.append((sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)))
-        return out
+        # One element (struct counters) per CPU, holding every counter: one map read.
+        per_cpu = self._counters.getvalue(self._counters.Key(0))
+        return [(sum(cpu.c[i].packets for cpu in per_cpu), sum(cpu.c[i].bytes for cpu in per_cpu))
+                for i in range(NR_COUNTERS)]
 
     # ---- flow table ----
     def flow_entries(self) -> Iterator[tuple[FlowKey, FlowValue]]:
