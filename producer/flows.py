@@ -31,6 +31,9 @@ class FlowTable(Protocol):
     def delete_flow(self, key: FlowKey) -> None: ...
 
 
+_FLOW_START, _FLOW_END_RST, _BANNER = int(EventType.FLOW_START), int(EventType.FLOW_END_RST), int(EventType.BANNER)
+
+
 @dataclass(frozen=True)
 class FlowTimeouts:
     idle_ns: int = 60 * 10**9
@@ -77,25 +80,28 @@ class FlowTracker:
 
     # ---- events from the kernel ----
     def on_event(self, ev: FlowEvent | BannerEvent) -> None:
-        kb = bytes(ev.key)
+        kind, key = ev.type, ev.key  # (each ctypes field read builds an object: once each)
+        kb = bytes(key)
         t = self._flows.get(kb)
-        if ev.type == EventType.BANNER:
+        if kind == _BANNER:
             # It follows its flow's start event in the ring buffer; if that was dropped and
             # no sweep has adopted the flow yet, the banner is lost with it.
             if t is not None and t.val.first_ns == ev.first_ns:
                 t.banners.setdefault(ev.dir, ev.banner)
             return
-        if ev.type == EventType.FLOW_START:
-            if t is not None and t.val.first_ns == ev.val.first_ns:
+        val = ev.val
+        first_ns = val.first_ns
+        if kind == _FLOW_START:
+            if t is not None and t.val.first_ns == first_ns:
                 return  # already adopted by a sweep
-            self._start(kb, ev.key, ev.val, ev.val.first_ns)
-        elif ev.type == EventType.FLOW_END_RST:
-            if t is None or t.val.first_ns != ev.val.first_ns:
+            self._start(kb, key, val, first_ns)
+        elif kind == _FLOW_END_RST:
+            if t is None or t.val.first_ns != first_ns:
                 # Its start event was lost: still report the start before the end.
-                t = self._start(kb, ev.key, ev.val, ev.val.first_ns)
+                t = self._start(kb, key, val, first_ns)
             if not t.ended:
-                t.val = ev.val
-                self._end(t, "rst", t.val)
+                t.val = val
+                self._end(t, "rst", val)
 
     def _start(self, kb: bytes, key: FlowKey, val: FlowValue, now_ns: int) -> _Tracked:
         old = self._flows.get(kb)

@@ -141,17 +141,20 @@ def tcp_flag_names(flags: int) -> list[str]:
 
 
 _TYPE_OFFSET = FlowEvent.type.offset  # the same in BannerEvent (checked in tests)
+_RECORD_SIZE = ct.sizeof(FlowEvent)  # = ct.sizeof(BannerEvent)
+_BANNER = int(EventType.BANNER)
 
 
 def decode_event(data: int | bytes, size: int | None = None) -> FlowEvent | BannerEvent:
     """Copy one ring-buffer record (a pointer from bcc's callback, or bytes) into a
     FlowEvent or a BannerEvent, as its `type` says."""
     if isinstance(data, (bytes, bytearray)):
-        raw = bytes(data)
-    else:
-        raw = ct.string_at(data, size if size is not None else ct.sizeof(FlowEvent))
-    if len(raw) < ct.sizeof(FlowEvent):
-        raise ValueError(f"ring-buffer record of {len(raw)} bytes, expected {ct.sizeof(FlowEvent)}")
-    kind = int.from_bytes(raw[_TYPE_OFFSET:_TYPE_OFFSET + 4], "little")
-    cls = BannerEvent if kind == EventType.BANNER else FlowEvent
-    return cls.from_buffer_copy(raw[: ct.sizeof(cls)])
+        size = len(data)
+    elif size is None:
+        size = _RECORD_SIZE
+    if size < _RECORD_SIZE:
+        raise ValueError(f"ring-buffer record of {size} bytes, expected {_RECORD_SIZE}")
+    if isinstance(data, int):
+        data = ct.string_at(data, _RECORD_SIZE)
+    kind = int.from_bytes(data[_TYPE_OFFSET:_TYPE_OFFSET + 4], "little")
+    return (BannerEvent if kind == _BANNER else FlowEvent).from_buffer_copy(data)
