@@ -13,12 +13,14 @@ A flow we knew that is gone from the table ends as flow_end(evicted) with the la
 read. A table entry we never heard of (its start event was dropped) is reported as started.
 
 Keys and values are kept and reported as given, never copied: both sources hand over
-objects of their own (decode_event and map_lookup_batch copy out of kernel memory), and
-nothing here changes one in place.
+objects of their own (decode_event and the table read copy out of kernel memory), and
+nothing here changes one in place. The sweep reads the table as raw bytes and builds ctypes
+structs only for what it reports: it visits every flow every second, reports few.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
@@ -26,12 +28,15 @@ from .records import BannerEvent, EventType, FlowEvent, FlowKey, FlowValue
 
 
 class FlowTable(Protocol):
-    def flow_entries(self) -> Iterable[tuple[FlowKey, FlowValue]]: ...
+    def flow_records(self) -> Iterable[tuple[bytes, bytes]]: ...  # raw (FlowKey, FlowValue) bytes
     def pop_flow(self, key: FlowKey) -> FlowValue | None: ...
     def delete_flow(self, key: FlowKey) -> None: ...
 
 
 _FLOW_START, _FLOW_END_RST, _BANNER = int(EventType.FLOW_START), int(EventType.FLOW_END_RST), int(EventType.BANNER)
+# first_ns, last_ns, fin_ns, rst_ns: the head of a raw FlowValue
+_TIMES = struct.Struct("<4Q")
+assert [FlowValue.first_ns.offset, FlowValue.last_ns.offset, FlowValue.fin_ns.offset, FlowValue.rst_ns.offset] == [0, 8, 16, 24]
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,16 @@ class FlowReport:
 @dataclass(slots=True)
 class _Tracked:
     key: FlowKey
-    val: FlowValue
+    val: FlowValue | bytes  # the last counts read (raw when read by a sweep: see _value)
+    first_ns: int  # which instance of the 5-tuple this is
     generation: int  # sweep generation in which we learned of it
     last_report_ns: int
     ended: bool = False
     banners: dict[int, bytes] = field(default_factory=dict)
+
+
+def _value(v: FlowValue | bytes) -> FlowValue:
+    return v if isinstance(v, FlowValue) else FlowValue.from_buffer_copy(v)
 
 
 @dataclass
@@ -86,17 +96,17 @@ class FlowTracker:
         if kind == _BANNER:
             # It follows its flow's start event in the ring buffer; if that was dropped and
             # no sweep has adopted the flow yet, the banner is lost with it.
-            if t is not None and t.val.first_ns == ev.first_ns:
+            if t is not None and t.first_ns == ev.first_ns:
                 t.banners.setdefault(ev.dir, ev.banner)
             return
         val = ev.val
         first_ns = val.first_ns
         if kind == _FLOW_START:
-            if t is not None and t.val.first_ns == first_ns:
+            if t is not None and t.first_ns == first_ns:
                 return  # already adopted by a sweep
             self._start(kb, key, val, first_ns)
         elif kind == _FLOW_END_RST:
-            if t is None or t.val.first_ns != first_ns:
+            if t is None or t.first_ns != first_ns:
                 # Its start event was lost: still report the start before the end.
                 t = self._start(kb, key, val, first_ns)
             if not t.ended:
@@ -109,7 +119,7 @@ class FlowTracker:
             # The kernel replaced the entry (table full, or the 5-tuple reused) before we
             # saw the old flow end.
             self._evict(old)
-        t = _Tracked(key, val, self._generation, now_ns)
+        t = _Tracked(key, val, val.first_ns, self._generation, now_ns)
         self._flows[kb] = t
         self.report(FlowReport("flow_start", None, key, val))
         return t
@@ -120,51 +130,53 @@ class FlowTracker:
 
     def _evict(self, t: _Tracked) -> None:
         self.evicted += 1
-        self._end(t, "evicted", t.val)
+        self._end(t, "evicted", _value(t.val))
 
     # ---- periodic reconciliation with the kernel table ----
     def sweep(self, now_ns: int) -> None:
         self.drain()
         self._generation += 1
-        entries = list(self.table.flow_entries())
+        records = list(self.table.flow_records())
         # Events queued while we read belong to the new generation: a flow that started
         # after our read is not missing from it.
         self.drain()
         present = set()
+        flows, times = self._flows, _TIMES.unpack_from
         to = self.timeouts
-        for key, val in entries:
-            kb = bytes(key)
-            t = self._flows.get(kb)
-            if t is not None and val.first_ns < t.val.first_ns:
+        for kb, vb in records:
+            first_ns, last_ns, fin_ns, rst_ns = times(vb)
+            t = flows.get(kb)
+            if t is not None and first_ns < t.first_ns:
                 present.add(kb)  # we read an older instance than the one we know
                 continue
-            if t is None or val.first_ns > t.val.first_ns:
-                t = self._start(kb, key, val, now_ns)  # its start event was dropped
+            if t is None or first_ns > t.first_ns:  # its start event was dropped
+                t = self._start(kb, FlowKey.from_buffer_copy(kb), FlowValue.from_buffer_copy(vb), now_ns)
             present.add(kb)
             if not t.ended:
-                t.val = val
-            if val.rst_ns:
+                t.val = vb
+            if rst_ns:
                 if not t.ended:
-                    self._end(t, "rst", val)  # the kernel's RST event was dropped
-                self.table.delete_flow(key)
-                del self._flows[kb]
-            elif val.fin_ns and now_ns - val.fin_ns >= to.fin_linger_ns:
+                    self._end(t, "rst", _value(vb))  # the kernel's RST event was dropped
+                self.table.delete_flow(t.key)
+                del flows[kb]
+            elif fin_ns and now_ns - fin_ns >= to.fin_linger_ns:
                 self._finish(kb, t, "fin")
-            elif now_ns - val.last_ns >= to.idle_ns:
+            elif now_ns - last_ns >= to.idle_ns:
                 self._finish(kb, t, "idle")
             elif now_ns - t.last_report_ns >= to.active_ns:
                 t.last_report_ns = now_ns
-                self.report(FlowReport("flow_update", None, t.key, val, t.banners))
-        for kb, t in list(self._flows.items()):
-            if kb not in present and t.generation < self._generation:
+                self.report(FlowReport("flow_update", None, t.key, _value(vb), t.banners))
+        for kb in flows.keys() - present:  # gone from the table (or learned of during the read)
+            t = flows[kb]
+            if t.generation < self._generation:
                 if not t.ended:
                     self._evict(t)
-                del self._flows[kb]
+                del flows[kb]
 
     def _finish(self, kb: bytes, t: _Tracked, reason: str) -> None:
         final = self.table.pop_flow(t.key)
-        if final is None or final.first_ns != t.val.first_ns:
-            final = t.val  # evicted or replaced between read and delete: last counts read
+        if final is None or final.first_ns != t.first_ns:
+            final = _value(t.val)  # evicted or replaced between read and delete: last counts read
         self._end(t, reason, final)
         del self._flows[kb]
 
@@ -174,5 +186,5 @@ class FlowTracker:
         self.sweep(now_ns)
         for t in self._flows.values():
             if not t.ended:
-                self._end(t, "shutdown", t.val)
+                self._end(t, "shutdown", _value(t.val))
         self._flows.clear()

@@ -188,14 +188,14 @@ _lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
 _lib.bpf_map_delete_elem.restype = ct.c_int
 
 
-def map_lookup_batch(map_fd: int, key_type, value_type, chunk: int = 4096):
-    """All (key, value) pairs of a hash map, `chunk` entries per syscall.
+def map_lookup_batch_raw(map_fd: int, key_size: int, value_size: int, chunk: int = 4096):
+    """All (key, value) pairs of a hash map as bytes, `chunk` entries per syscall.
 
     Entries are copies; the map may change while we read (a batch read is not a snapshot).
     """
-    keys = (key_type * chunk)()
-    values = (value_type * chunk)()
-    token_size = max(ct.sizeof(key_type), 8)
+    keys = ct.create_string_buffer(key_size * chunk)
+    values = ct.create_string_buffer(value_size * chunk)
+    token_size = max(key_size, 8)
     in_batch, out_batch = ct.create_string_buffer(token_size), ct.create_string_buffer(token_size)
     opts = BatchOpts(sz=ct.sizeof(BatchOpts))
     first = True
@@ -206,12 +206,20 @@ def map_lookup_batch(map_fd: int, key_type, value_type, chunk: int = 4096):
         )
         if ret < 0 and ret != -2:  # -ENOENT marks the last batch
             _check(ret, "bpf_map_lookup_batch")
-        for i in range(count.value):
-            yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
-        if ret == -2 or count.value == 0:
+        n = count.value
+        kraw, vraw = keys.raw[:n * key_size], values.raw[:n * value_size]
+        yield from zip([kraw[i:i + key_size] for i in range(0, len(kraw), key_size)],
+                       [vraw[i:i + value_size] for i in range(0, len(vraw), value_size)])
+        if ret == -2 or n == 0:
             return
         ct.memmove(in_batch, out_batch, token_size)
         first = False
+
+
+def map_lookup_batch(map_fd: int, key_type, value_type, chunk: int = 4096):
+    """All (key, value) pairs of a hash map as ctypes structs (see map_lookup_batch_raw)."""
+    for k, v in map_lookup_batch_raw(map_fd, ct.sizeof(key_type), ct.sizeof(value_type), chunk):
+        yield key_type.from_buffer_copy(k), value_type.from_buffer_copy(v)
 
 
 def map_delete(map_fd: int, key: ct.Structure) -> bool:

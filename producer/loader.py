@@ -161,6 +161,10 @@ class XdpProgram:
     def flow_entries(self) -> Iterator[tuple[FlowKey, FlowValue]]:
         return libbpf.map_lookup_batch(self._flows_fd, FlowKey, FlowValue)
 
+    def flow_records(self) -> Iterator[tuple[bytes, bytes]]:
+        """The flow table as raw (key, value) bytes: what the tracker's sweep reads."""
+        return libbpf.map_lookup_batch_raw(self._flows_fd, ct.sizeof(FlowKey), ct.sizeof(FlowValue))
+
     def pop_flow(self, key: FlowKey) -> FlowValue | None:
         val = FlowValue()
         return val if libbpf.map_lookup_and_delete(self._flows_fd, key, val) else None

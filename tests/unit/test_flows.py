@@ -19,8 +19,8 @@ class FakeTable:
     def put(self, key: FlowKey, val: FlowValue):
         self.entries[bytes(key)] = (key, val)
 
-    def flow_entries(self):
-        return [(FlowKey.from_buffer_copy(k), FlowValue.from_buffer_copy(v)) for k, v in self.entries.values()]
+    def flow_records(self):
+        return [(bytes(k), bytes(v)) for k, v in self.entries.values()]
 
     def pop_flow(self, key):
         kv = self.entries.pop(bytes(key), None)
@@ -127,7 +127,7 @@ def test_eviction_is_counted_and_reported_with_last_counts(world):
 def test_flow_started_while_table_was_read_is_not_evicted(world):
     table, reports, pending, tracker = world
     k = key(40006)
-    original = table.flow_entries
+    original = table.flow_records
 
     def read_then_kernel_adds():
         out = original()
@@ -135,7 +135,7 @@ def test_flow_started_while_table_was_read_is_not_evicted(world):
         pending.append(event(EventType.FLOW_START, k, val(S)))  # ...its event queued meanwhile
         return out
 
-    table.flow_entries = read_then_kernel_adds
+    table.flow_records = read_then_kernel_adds
     tracker.sweep(2 * S)
     assert tracker.evicted == 0 and tracker.active == 1
     assert actions(reports) == [("flow_start", None, 40006, 1)]
