@@ -163,3 +163,10 @@ def test_shutdown_ends_every_open_flow_once(world):
     ends = [a for a in actions(reports) if a[0] == "flow_end"]
     assert sorted(ends) == [("flow_end", "shutdown", 40010, 3), ("flow_end", "shutdown", 40011, 3)]
     assert tracker.active == 0
+
+
+def test_the_sweep_reads_the_timestamps_at_the_head_of_a_raw_value():
+    from xdpwatch.producer.flows import _TIMES
+
+    raw = bytes(FlowValue(first_ns=1, last_ns=2, fin_ns=3, rst_ns=4, packets=5))
+    assert _TIMES.unpack_from(raw) == (1, 2, 3, 4)
