@@ -128,6 +128,9 @@ def test_segments_exact_contents_dead_letters_and_commits(broker_factory, tmp_pa
     assert "starting at" in r.stderr
 
 
+# Each restart waits for the group to drop the killed member (session timeout 3 s): about
+# 7 s a round, so the soak's 40 rounds need more than the default 300 s.
+@pytest.mark.timeout(900 if SOAK else 300)
 def test_kill_9_at_any_time_yields_every_offset_exactly_once(broker_factory, tmp_path):
     broker = broker_factory()
     create_topic(broker)
@@ -182,7 +185,9 @@ def test_crash_at_each_step_of_the_cycle_yields_every_offset_exactly_once(broker
         for point in CRASH_POINTS:
             produce(broker, many_sources(150, offset=fed))
             fed += 150
-            nth = 40 + 17 * round_ if point == "write" else 2 + round_
+            # The n-th time the point is reached: a different place in each round. A run
+            # makes all its segments durable in one or two turns, so commit crashes at the first.
+            nth = {"write": 40 + 17 * round_, "commit": 1}.get(point, 2 + round_)
             r = subprocess.run(archive_cmd(broker, arch, dl, "--roll-mb", "0.003", "--exit-when-idle", "4"),
                                capture_output=True, text=True, timeout=90,
                                env={**os.environ, "XDPWATCH_CRASH_AT": f"{point}:{nth}"})
