@@ -23,7 +23,7 @@ test: setup
 	$(PYTEST) -q -ra tests
 
 # The long variants of the crash and outage tests: 60 s broker outages, 100 producer and
-# 40 archiver kill -9 (about 10 minutes).
+# 40 archiver kill -9 (about 20 minutes).
 test-soak: setup
 	XDPWATCH_SOAK=1 $(PYTEST) -q -ra tests/e2e/test_outage.py tests/e2e/test_attach.py tests/e2e/test_archive.py
 
