@@ -156,12 +156,12 @@ class EventShaper:
         k, v = r.key, r.val
         addrs = k.addrs()
         cid = community_id(k, addrs)
-        af = socket.AF_INET if k.family == 4 else socket.AF_INET6
+        client_ip, server_ip = k.ips(addrs)
         packets, nbytes, first_ns, last_ns = v.packets, v.bytes, v.first_ns, v.last_ns
         to_client_packets, to_client_bytes = v.to_client_packets, v.to_client_bytes
-        client = {"ip": socket.inet_ntop(af, addrs[0]), "port": k.client_port,
+        client = {"ip": client_ip, "port": k.client_port,
                   "packets": packets - to_client_packets, "bytes": nbytes - to_client_bytes}
-        server = {"ip": socket.inet_ntop(af, addrs[1]), "port": k.server_port,
+        server = {"ip": server_ip, "port": k.server_port,
                   "packets": to_client_packets, "bytes": to_client_bytes}
         start = iso(self.clock.wall_ns(first_ns))
         end = start if last_ns == first_ns else iso(self.clock.wall_ns(last_ns))

@@ -58,13 +58,19 @@ class FlowKey(ct.Structure):
             return raw[0:4], raw[16:20]
         return raw[0:16], raw[16:32]
 
+    def ips(self, addrs: tuple[bytes, bytes] | None = None) -> tuple[str, str]:
+        """(client, server) addresses as text; `addrs` is self.addrs() when the caller has it."""
+        af = socket.AF_INET if self.family == 4 else socket.AF_INET6
+        client, server = addrs or self.addrs()
+        return socket.inet_ntop(af, client), socket.inet_ntop(af, server)
+
     @property
     def client_ip(self) -> str:
-        return socket.inet_ntop(socket.AF_INET if self.family == 4 else socket.AF_INET6, self.addrs()[0])
+        return self.ips()[0]
 
     @property
     def server_ip(self) -> str:
-        return socket.inet_ntop(socket.AF_INET if self.family == 4 else socket.AF_INET6, self.addrs()[1])
+        return self.ips()[1]
 
 
 SERVER_SIZES = 12
