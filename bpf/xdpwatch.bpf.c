@@ -12,7 +12,8 @@
  *              (and this CPU's cache of the coarse clock)
  *   flows      LRU hash flow_key -> flow_value; user space ends flows (FIN linger, idle,
  *              shutdown) and deletes them; the kernel only creates and updates entries
- *   events     ring buffer of struct flow_event (flow start, flow end on RST)
+ *   events     ring buffer of struct flow_event (flow start, handshake completed, flow end
+ *              on RST) and struct banner_event
  *   block_v4/6 LPM tries of blocked source prefixes -> what matched them (user space
  *              adds and removes entries, enforcing their TTL)
  *   allow_v4/6 LPM tries of sources never dropped (loopback, management networks)
@@ -102,45 +103,91 @@ static __always_inline void emit(struct counters *cs, struct flow_key *key, stru
 	count(cs, C_EVENTS_SUBMITTED, 0);
 }
 
-/* Where a TCP payload is: `off` bytes from the start of the frame, `len` bytes long. */
-struct payload {
+/* One TCP segment of an SSH flow, as the flow functions use it. */
+struct seg {
 	void *ctx;            /* struct xdp_md (ingress) or struct __sk_buff (egress) */
-	__u32 off;
-	__s32 len;
+	__u32 off;            /* the payload: `off` bytes from the start of the frame, */
+	__s32 len;            /* `len` bytes long */
+	__u32 seq;            /* sequence and acknowledgement numbers, host byte order */
+	__u32 ack;
+	__u8 flags;           /* the TCP flags byte */
 };
 
 /* The first payload packet of each direction: if it starts with "SSH-", its first
  * BANNER_MAX bytes go to user space as a banner_event (the software versions). */
 static __always_inline void capture_banner(struct counters *cs, struct flow_key *key, __u64 first_ns,
-					   __u32 dir, struct payload *pl, int egress)
+					   __u32 dir, struct seg *sg, int egress)
 {
-	if (pl->len < 4)
+	if (sg->len < 4)
 		return;
 	struct banner_event *e = events.ringbuf_reserve(sizeof(struct banner_event));
 	if (!e) {
 		count(cs, C_RINGBUF_DROPS, 0);
 		return;
 	}
-	__u32 n = pl->len > BANNER_MAX ? BANNER_MAX : pl->len;
+	__u32 n = sg->len > BANNER_MAX ? BANNER_MAX : sg->len;
 	n &= 0x7f; /* for the verifier: 4..BANNER_MAX (< 128) */
 	if (n < 4 || n > BANNER_MAX) {
 		events.ringbuf_discard(e, 0);
 		return;
 	}
-	long err = egress ? bpf_skb_load_bytes(pl->ctx, pl->off, e->data, n)
-			  : bpf_xdp_load_bytes(pl->ctx, pl->off, e->data, n);
+	long err = egress ? bpf_skb_load_bytes(sg->ctx, sg->off, e->data, n)
+			  : bpf_xdp_load_bytes(sg->ctx, sg->off, e->data, n);
 	if (err || e->data[0] != 'S' || e->data[1] != 'S' || e->data[2] != 'H' || e->data[3] != '-') {
 		events.ringbuf_discard(e, 0);
 		return;
 	}
 	__builtin_memcpy(&e->key, key, sizeof(struct flow_key));
 	e->first_ns = first_ns;
+	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
 	e->type = EV_BANNER;
 	e->len = n;
 	e->dir = dir;
 	e->_pad = 0;
 	events.ringbuf_submit(e, 0);
 	count(cs, C_EVENTS_SUBMITTED, 0);
+}
+
+#define HS_FLAGS (TH_SYN | TH_ACK | TH_RST)
+
+/* The client's SYN arriving: the only first packet that starts a handshake (xdpwatch.h,
+ * enum handshake). A flow first seen any other way (from the SSH-port side, mid-connection,
+ * or leaving this host) stays HS_NONE: its other end is never taken for a client. */
+static __always_inline int client_syn(struct seg *sg, __u32 dir, int egress)
+{
+	return !egress && dir == DIR_TO_SERVER && (sg->flags & HS_FLAGS) == TH_SYN;
+}
+
+/* One step of the three-way handshake of a flow that began with the client's SYN: the
+ * server's SYN-ACK must leave (egress) acknowledging the client's ISN, then the client's
+ * ACK arrive acknowledging the server's. A SYN-ACK arriving is forged or mirrored: never
+ * evidence. A new SYN before completion starts over from its ISN. */
+static __always_inline void handshake(struct counters *cs, struct flow_key *key, struct flow_value *v,
+				      struct seg *sg, __u32 dir, int egress)
+{
+	__u8 hs = v->handshake;
+	if (hs == HS_NONE || hs == HS_COMPLETE)
+		return;
+	__u8 f = sg->flags & HS_FLAGS;
+	if (client_syn(sg, dir, egress)) {
+		v->client_isn = sg->seq;
+		v->handshake = HS_SYN;
+	} else if (egress && dir == DIR_TO_CLIENT && f == (TH_SYN | TH_ACK) && sg->ack == v->client_isn + 1) {
+		v->server_isn = sg->seq;
+		v->handshake = HS_SYN_ACK;
+	} else if (hs == HS_SYN_ACK && !egress && dir == DIR_TO_SERVER && f == TH_ACK &&
+		   sg->ack == v->server_isn + 1) {
+		v->handshake = HS_COMPLETE;
+		emit(cs, key, v, EV_FLOW_ESTABLISHED);
+	}
+}
+
+/* Whether a payload may stand for the server's (banner, login sizes): once the server's
+ * SYN-ACK was seen leaving, its packets leave; one claiming to come from it that arrives is
+ * forged (or mirrored) and is ignored. */
+static __always_inline int server_payload_trusted(struct flow_value *v, __u32 dir, int egress)
+{
+	return dir != DIR_TO_CLIENT || egress || v->handshake < HS_SYN_ACK;
 }
 
 /* CLOCK_MONOTONIC as of the last tick, for the ordinary packets of known flows (see
@@ -163,8 +210,9 @@ static __always_inline __u64 coarse_ns(struct counters *cs)
 /* `egress`: the packet leaves through the interface (TC hook); it counts in the flow, in
  * its direction, but not in `directions`, which tells what the ingress saw. */
 static __always_inline void update_flow(struct counters *cs, struct flow_key *key, struct flow_value *v,
-					__u32 flags, __u32 dir, __u64 len, int egress, struct payload *pl)
+					__u32 dir, __u64 len, int egress, struct seg *sg)
 {
+	__u32 flags = sg->flags;
 	/* Atomic: the XDP and the egress program (or XDP on two RX queues) can update one flow
 	 * on two CPUs at once. */
 	__sync_fetch_and_add(&v->packets, 1);
@@ -193,15 +241,19 @@ static __always_inline void update_flow(struct counters *cs, struct flow_key *ke
 		v->tcp_flags |= flags;
 	if (!egress && !(v->directions & dir))
 		v->directions |= dir;
-	if (pl->len > 0 && !(v->banners & dir)) {
-		v->banners |= dir;
-		capture_banner(cs, key, v->first_ns, dir, pl, egress);
-	}
-	if (pl->len > 0 && dir == DIR_TO_CLIENT) {
-		__u8 i = v->nsizes;
-		if (i < SERVER_SIZES) {
-			v->server_sizes[i] = pl->len > 0xffff ? 0xffff : pl->len;
-			v->nsizes = i + 1;
+	if (v->handshake != HS_COMPLETE)
+		handshake(cs, key, v, sg, dir, egress);
+	if (sg->len > 0 && server_payload_trusted(v, dir, egress)) {
+		if (!(v->banners & dir)) {
+			v->banners |= dir;
+			capture_banner(cs, key, v->first_ns, dir, sg, egress);
+		}
+		if (dir == DIR_TO_CLIENT) {
+			__u8 i = v->nsizes;
+			if (i < SERVER_SIZES) {
+				v->server_sizes[i] = sg->len > 0xffff ? 0xffff : sg->len;
+				v->nsizes = i + 1;
+			}
 		}
 	}
 	if ((flags & TH_RST) && !v->rst_ns) {
@@ -212,15 +264,16 @@ static __always_inline void update_flow(struct counters *cs, struct flow_key *ke
 	}
 }
 
-static __always_inline void track_flow(struct counters *cs, struct flow_key *key, __u32 flags, __u32 dir,
-					__u64 len, int egress, struct payload *pl)
+static __always_inline void track_flow(struct counters *cs, struct flow_key *key, __u32 dir, __u64 len, int egress,
+				       struct seg *sg)
 {
+	__u32 flags = sg->flags;
 	int syn = flags & TH_SYN;
 	struct flow_value *v = flows.lookup(key);
 
 	/* A SYN on a flow already ended by RST is a new connection reusing the 5-tuple. */
 	if (v && !(v->rst_ns && syn)) {
-		update_flow(cs, key, v, flags, dir, len, egress, pl);
+		update_flow(cs, key, v, dir, len, egress, sg);
 		return;
 	}
 
@@ -236,10 +289,14 @@ static __always_inline void track_flow(struct counters *cs, struct flow_key *key
 	}
 	nv.tcp_flags = flags;
 	nv.directions = egress ? 0 : dir;
-	if (pl->len > 0) {
+	if (client_syn(sg, dir, egress)) {
+		nv.handshake = HS_SYN;
+		nv.client_isn = sg->seq;
+	}
+	if (sg->len > 0) {
 		nv.banners = dir;
 		if (dir == DIR_TO_CLIENT) {
-			nv.server_sizes[0] = pl->len > 0xffff ? 0xffff : pl->len;
+			nv.server_sizes[0] = sg->len > 0xffff ? 0xffff : sg->len;
 			nv.nsizes = 1;
 		}
 	}
@@ -255,13 +312,13 @@ static __always_inline void track_flow(struct counters *cs, struct flow_key *key
 		/* Another CPU created it first: count this packet there. */
 		v = flows.lookup(key);
 		if (v)
-			update_flow(cs, key, v, flags, dir, len, egress, pl);
+			update_flow(cs, key, v, dir, len, egress, sg);
 		return;
 	}
 	count(cs, C_FLOWS_STARTED, 0);
 	emit(cs, key, &nv, EV_FLOW_START);
 	if (nv.banners)
-		capture_banner(cs, key, nv.first_ns, dir, pl, egress);
+		capture_banner(cs, key, nv.first_ns, dir, sg, egress);
 	if (nv.rst_ns)
 		emit(cs, key, &nv, EV_FLOW_END_RST);
 }
@@ -370,8 +427,9 @@ static __always_inline int parse_l4(struct counters *cs, void *ctx, void *data, 
 		key.family = family;
 		key.proto = IPPROTO_TCP;
 		/* The payload from the IP length, not the frame's: short frames carry padding. */
-		struct payload pl = {.ctx = ctx, .off = (__u32)((void *)tcp - data) + tcp->doff * 4,
-				     .len = l4_len - tcp->doff * 4};
+		struct seg sg = {.ctx = ctx, .off = (__u32)((void *)tcp - data) + tcp->doff * 4,
+				 .len = l4_len - tcp->doff * 4, .seq = bpf_ntohl(tcp->seq),
+				 .ack = bpf_ntohl(tcp->ack_seq), .flags = ((__u8 *)tcp)[13]};
 		/* Both ports SSH ports (e.g. 2222 <-> 22): the lower port is the server, so both
 		 * directions of the connection land on one key. */
 		int to_client = ssh_src && (!ssh_dst || sport < dport);
@@ -379,21 +437,20 @@ static __always_inline int parse_l4(struct counters *cs, void *ctx, void *data, 
 			key_addrs(&key, family, daddr, saddr);
 			key.client_port = dport;
 			key.server_port = sport;
-			track_flow(cs, &key, ((__u8 *)tcp)[13], DIR_TO_CLIENT, len, egress, &pl);
+			track_flow(cs, &key, DIR_TO_CLIENT, len, egress, &sg);
 		} else {
 			key_addrs(&key, family, saddr, daddr);
 			key.client_port = sport;
 			key.server_port = dport;
-			__u8 flags = ((__u8 *)tcp)[13];
 			/* A new connection (SYN without ACK) over its source's limit: counted, and in
 			 * enforce mode dropped before it becomes a flow. */
-			if (SYN_RATE && !egress && (flags & (TH_SYN | TH_ACK)) == TH_SYN && !allowed &&
+			if (SYN_RATE && !egress && (sg.flags & (TH_SYN | TH_ACK)) == TH_SYN && !allowed &&
 			    syn_over_limit(&key)) {
 				COUNT(C_SYN_LIMITED, len);
 				if (CAUGHT == XDP_DROP)
 					return XDP_DROP;
 			}
-			track_flow(cs, &key, flags, DIR_TO_SERVER, len, egress, &pl);
+			track_flow(cs, &key, DIR_TO_SERVER, len, egress, &sg);
 		}
 	} else if (proto == IPPROTO_UDP) {
 		COUNT(C_UDP, len);

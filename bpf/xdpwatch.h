@@ -67,14 +67,32 @@ struct flow_value {
 	__u64 to_client_packets; /* of those, server -> client */
 	__u64 to_client_bytes;
 	__u32 tcp_flags;      /* OR of the TCP flags byte of every packet */
+	__u32 client_isn;     /* sequence number of the client's SYN (handshake check) */
+	__u32 server_isn;     /* ... of the server's SYN-ACK that acknowledged it */
 	__u8 midstream;       /* 1 if the first packet seen had no SYN: joined mid-connection */
 	__u8 directions;      /* DIR_* bits: which directions were seen on this ingress (not egress) */
 	__u8 banners;         /* DIR_* bits: directions whose first payload packet was looked at */
 	__u8 nsizes;          /* entries used in server_sizes */
+	__u8 handshake;       /* enum handshake: how far the three-way handshake went */
+	__u8 _pad;
 	/* TCP payload sizes of the server's first SERVER_SIZES segments (banner, key exchange,
 	 * then the encrypted authentication replies): user space guesses the login outcome
 	 * from them, as Zeek does. */
 	__u16 server_sizes[SERVER_SIZES];
+	__u8 _pad2[6];
+};
+
+/* The TCP three-way handshake as the hooks saw it: evidence that the client's address is
+ * real. The client's SYN arrives (XDP); the server's SYN-ACK, acknowledging the client's
+ * sequence number, leaves through the same interface (egress hook); the client's ACK
+ * arrives acknowledging the server's sequence number. Someone who forges the client's
+ * address never receives the SYN-ACK, so cannot acknowledge it (one chance in 2^32 per
+ * guess); a SYN-ACK forged from outside arrives at XDP, not at egress, and does not count. */
+enum handshake {
+	HS_NONE = 0,          /* the first packet seen was not the client's SYN arriving */
+	HS_SYN,               /* the client's SYN arrived */
+	HS_SYN_ACK,           /* the server's SYN-ACK acknowledging it left */
+	HS_COMPLETE,          /* the client acknowledged the server's ISN: EV_FLOW_ESTABLISHED */
 };
 
 #define DIR_TO_SERVER 1
@@ -84,17 +102,18 @@ enum flow_event_type {
 	EV_FLOW_START = 1,
 	EV_FLOW_END_RST = 2,
 	EV_BANNER = 3,        /* a struct banner_event */
+	EV_FLOW_ESTABLISHED = 4,
 };
 
 /* Bytes of an SSH identification string (RFC 4253 4.2) copied into a banner_event. */
 #define BANNER_MAX 88
 
-/* Ring-buffer records: a flow_event, or a banner_event. Both are 144 bytes with `type` at
- * offset 136, which tells them apart. */
+/* Ring-buffer records: a flow_event, or a banner_event. Both are 160 bytes with `type` at
+ * offset 152, which tells them apart. */
 struct flow_event {
 	struct flow_value val;
 	struct flow_key key;
-	__u32 type;           /* EV_FLOW_START, EV_FLOW_END_RST */
+	__u32 type;           /* EV_FLOW_START, EV_FLOW_END_RST, EV_FLOW_ESTABLISHED */
 	__u32 _pad;
 };
 
@@ -103,6 +122,7 @@ struct banner_event {
 	struct flow_key key;
 	__u64 first_ns;       /* the flow_value's first_ns: which instance of the 5-tuple */
 	__u8 data[BANNER_MAX];
+	__u8 _pad0[16];       /* `type` at the offset it has in flow_event */
 	__u32 type;           /* EV_BANNER */
 	__u16 len;            /* bytes of data copied (at most BANNER_MAX) */
 	__u8 dir;             /* DIR_TO_SERVER: the client's banner; DIR_TO_CLIENT: the server's */

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from .flows import FlowReport
-from .records import DIR_TO_CLIENT, DIR_TO_SERVER, CounterId, FlowKey, tcp_flag_names
+from .records import DIR_TO_CLIENT, DIR_TO_SERVER, HANDSHAKE_NAMES, CounterId, FlowKey, tcp_flag_names
 from .ssh import login_outcome, ssh_identification
 
 # Counter ids that are packet classes, with their JSON names.
@@ -38,8 +38,8 @@ CLASSES = {
 DIRECTIONS = {0: "unknown", DIR_TO_SERVER: "inbound", DIR_TO_CLIENT: "outbound",
               DIR_TO_SERVER | DIR_TO_CLIENT: "internal"}
 
-EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_update": ["connection", "info"],
-               "flow_end": ["connection", "end"]}
+EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_established": ["connection", "info"],
+               "flow_update": ["connection", "info"], "flow_end": ["connection", "end"]}
 ENFORCEMENT_TYPES = {"block_applied": ["denied", "creation"], "block_removed": ["deletion"],
                      "block_expired": ["deletion"], "command_rejected": ["info"]}
 
@@ -183,13 +183,13 @@ class EventShaper:
                         "packets": packets, "bytes": nbytes,
                         "direction": DIRECTIONS[v.directions],
                         "community_id": cid},
-            "tcp": {"flags": tcp_flag_names(v.tcp_flags)},
+            "tcp": {"flags": tcp_flag_names(v.tcp_flags), "handshake": HANDSHAKE_NAMES[v.handshake]},
             "observer": self._observer,
         }
         if r.banners:
             doc["ssh"] = {side: ssh_identification(r.banners[d])
                           for side, d in (("client", DIR_TO_SERVER), ("server", DIR_TO_CLIENT)) if d in r.banners}
-            if r.action != "flow_start":
+            if r.action == "flow_update" or r.action == "flow_end":
                 doc["ssh"]["auth"] = login_outcome(list(v.server_sizes[:v.nsizes]), ended=r.action == "flow_end")
         return doc
 

@@ -4,6 +4,10 @@ The kernel creates flow entries (and reports each start through the ring buffer)
 them, and reports an RST at once. It never deletes: this tracker does, so an entry that
 vanishes without us deleting it was evicted by the LRU table, and we can count it exactly.
 
+A flow whose client completed the TCP handshake (the kernel's EV_FLOW_ESTABLISHED, or a
+handshake found complete in the table when that event was lost) is reported once as
+flow_established, always after its start and before its end.
+
 Every `sweep()` reads the whole table and decides per flow:
   RST seen                     -> flow_end(rst) if the kernel's event was lost, then delete
   FIN seen, linger passed      -> flow_end(fin) with the final counts (atomic read+delete)
@@ -24,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-from .records import BannerEvent, EventType, FlowEvent, FlowKey, FlowValue
+from .records import BannerEvent, EventType, FlowEvent, FlowKey, FlowValue, Handshake
 
 
 class FlowTable(Protocol):
@@ -34,8 +38,10 @@ class FlowTable(Protocol):
 
 
 _FLOW_START, _FLOW_END_RST, _BANNER = int(EventType.FLOW_START), int(EventType.FLOW_END_RST), int(EventType.BANNER)
+_ESTABLISHED, _COMPLETE = int(EventType.FLOW_ESTABLISHED), int(Handshake.COMPLETE)
 # first_ns, last_ns, fin_ns, rst_ns: the head of a raw FlowValue (tests/unit/test_flows.py)
 _TIMES = struct.Struct("<4Q")
+_HANDSHAKE = FlowValue.handshake.offset
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class FlowTimeouts:
 class FlowReport:
     """One thing to tell the world about a flow."""
 
-    action: str  # flow_start | flow_update | flow_end
+    action: str  # flow_start | flow_established | flow_update | flow_end
     reason: str | None  # on flow_end: fin | rst | idle | shutdown | evicted
     key: FlowKey
     val: FlowValue
@@ -64,6 +70,7 @@ class _Tracked:
     generation: int  # sweep generation in which we learned of it
     last_report_ns: int
     ended: bool = False
+    established: bool = False  # flow_established reported
     banners: dict[int, bytes] = field(default_factory=dict)
 
 
@@ -104,12 +111,16 @@ class FlowTracker:
             if t is not None and t.first_ns == first_ns:
                 return  # already adopted by a sweep
             self._start(kb, key, val, first_ns)
-        elif kind == _FLOW_END_RST:
+        elif kind == _FLOW_END_RST or kind == _ESTABLISHED:
             if t is None or t.first_ns != first_ns:
-                # Its start event was lost: still report the start before the end.
+                # Its start event was lost: still report the start first.
                 t = self._start(kb, key, val, first_ns)
-            if not t.ended:
-                t.val = val
+            if t.ended:
+                return
+            t.val = val
+            if kind == _ESTABLISHED:
+                self._established(t, val)
+            else:
                 self._end(t, "rst", val)
 
     def _start(self, kb: bytes, key: FlowKey, val: FlowValue, now_ns: int) -> _Tracked:
@@ -123,7 +134,14 @@ class FlowTracker:
         self.report(FlowReport("flow_start", None, key, val))
         return t
 
+    def _established(self, t: _Tracked, val: FlowValue) -> None:
+        if not t.established:
+            t.established = True
+            self.report(FlowReport("flow_established", None, t.key, val, t.banners))
+
     def _end(self, t: _Tracked, reason: str, val: FlowValue) -> None:
+        if val.handshake == _COMPLETE:
+            self._established(t, val)  # its event was lost: the handshake still counts
         t.ended = True
         self.report(FlowReport("flow_end", reason, t.key, val, t.banners))
 
@@ -153,6 +171,8 @@ class FlowTracker:
             present.add(kb)
             if not t.ended:
                 t.val = vb
+                if vb[_HANDSHAKE] == _COMPLETE and not t.established:  # its event was dropped
+                    self._established(t, _value(vb))
             if rst_ns:
                 if not t.ended:
                     self._end(t, "rst", _value(vb))  # the kernel's RST event was dropped

@@ -87,12 +87,29 @@ class FlowValue(ct.Structure):
         ("to_client_packets", ct.c_uint64),
         ("to_client_bytes", ct.c_uint64),
         ("tcp_flags", ct.c_uint32),
+        ("client_isn", ct.c_uint32),
+        ("server_isn", ct.c_uint32),
         ("midstream", ct.c_uint8),
         ("directions", ct.c_uint8),
         ("banners", ct.c_uint8),
         ("nsizes", ct.c_uint8),
+        ("handshake", ct.c_uint8),
+        ("_pad", ct.c_uint8),
         ("server_sizes", ct.c_uint16 * SERVER_SIZES),
+        ("_pad2", ct.c_uint8 * 6),
     ]
+
+
+class Handshake(enum.IntEnum):
+    """How far the TCP three-way handshake went (enum handshake): the contract's tcp.handshake."""
+
+    NONE = 0
+    SYN = 1
+    SYN_ACK = 2
+    COMPLETE = 3
+
+
+HANDSHAKE_NAMES = {h.value: h.name.lower() for h in Handshake}  # 3 -> "complete"
 
 
 DIR_TO_SERVER = 1
@@ -103,6 +120,7 @@ class EventType(enum.IntEnum):
     FLOW_START = 1
     FLOW_END_RST = 2
     BANNER = 3
+    FLOW_ESTABLISHED = 4
 
 
 class FlowEvent(ct.Structure):
@@ -124,6 +142,7 @@ class BannerEvent(ct.Structure):
         ("key", FlowKey),
         ("first_ns", ct.c_uint64),
         ("data", ct.c_uint8 * BANNER_MAX),
+        ("_pad0", ct.c_uint8 * 16),
         ("type", ct.c_uint32),
         ("len", ct.c_uint16),
         ("dir", ct.c_uint8),

@@ -181,6 +181,10 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     docs = documents(broker, FLOWS, min_messages=3)
     actions = [d["event"]["action"] for _, d in docs]
     assert actions[0] == "flow_start" and actions[-1] == "flow_end" and actions.count("flow_end") == 1
+    # The handshake was seen in full (SYN arrived, SYN-ACK left, ACK arrived): reported once.
+    assert actions[1] == "flow_established" and actions.count("flow_established") == 1
+    assert [d["tcp"]["handshake"] for _, d in docs[:2]] == ["syn", "complete"]
+    assert docs[1][1]["network"]["packets"] == 3  # SYN, SYN-ACK, ACK
     assert actions.count("flow_update") >= 1  # the session lasted > 2 s with a 1 s active timeout
     assert len({d["flow"]["id"] for _, d in docs}) == 1
     end = docs[-1][1]
@@ -207,6 +211,7 @@ def test_real_ssh_session_is_one_flow_with_exact_counts(testnet, sshd, broker):
     print(f"[ssh] client {end['ssh']['client']['banner']!r} (ssh -V: {client_v!r}); server "
           f"{end['ssh']['server']['banner']!r}; login {end['ssh']['auth']}")
     assert end["ssh"]["auth"] == {"outcome": "success", "confidence": "high", "failures": 0}  # key-based
+    assert end["tcp"]["handshake"] == "complete"
     updates = [d["network"]["packets"] for _, d in docs if d["event"]["action"] == "flow_update"]
     assert updates == sorted(updates) and updates[-1] <= end["network"]["packets"]
 
@@ -234,6 +239,7 @@ def test_failed_password_logins_are_guessed_as_failures(testnet, sshd, broker):
     auths = [d["ssh"]["auth"] for d in ends]
     print(f"\n[ssh] wrong passwords: sshd logged {refused} failures; flows say {auths}")
     assert [a["outcome"] for a in auths] == ["failure", "failure"]
+    assert [d["tcp"]["handshake"] for d in ends] == ["complete", "complete"]
     assert sum(a["failures"] for a in auths) == refused
 
 

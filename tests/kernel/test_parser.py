@@ -390,9 +390,9 @@ def test_non_first_fragments_and_malformed_tcp_create_no_flow(fresh):
 
 def test_full_ring_buffer_drops_are_counted_exactly(fresh):
     h = fresh(ringbuf_pages=1)
-    # A record is the 144-byte flow_event behind an 8-byte header, rounded up to 8 bytes.
+    # A record is the 160-byte flow_event behind an 8-byte header, rounded up to 8 bytes.
     record = (ctypes.sizeof(FlowEvent) + 8 + 7) // 8 * 8
-    assert ctypes.sizeof(FlowEvent) == 144 and record == 152
+    assert ctypes.sizeof(FlowEvent) == 160 and record == 168
     fits = (resource.getpagesize() - 1) // record  # the kernel never fills it to the last byte
     n = 100
     assert fits < n

@@ -9,7 +9,7 @@ import pytest
 from xdpwatch import schemas
 from xdpwatch.producer.events import CLASSES, Clock, CounterDeltas, EventShaper, community_id, iso
 from xdpwatch.producer.flows import FlowReport
-from xdpwatch.producer.records import NR_COUNTERS, CounterId, FlowKey, FlowValue, tcp_flag_names
+from xdpwatch.producer.records import NR_COUNTERS, CounterId, FlowKey, FlowValue, Handshake, tcp_flag_names
 
 
 class FixedClock(Clock):
@@ -59,7 +59,7 @@ def test_packet_counts_document(shaper):
     assert schemas.key_of("packet-counts", doc) == b"gw1/eth0"
 
 
-@pytest.mark.parametrize("action,reason", [("flow_start", None), ("flow_update", None),
+@pytest.mark.parametrize("action,reason", [("flow_start", None), ("flow_established", None), ("flow_update", None),
                                            ("flow_end", "fin"), ("flow_end", "rst"), ("flow_end", "idle"),
                                            ("flow_end", "shutdown"), ("flow_end", "evicted")])
 def test_flow_documents_are_valid(shaper, action, reason):
@@ -76,6 +76,39 @@ def test_flow_documents_are_valid(shaper, action, reason):
     assert doc["event"]["duration"] == 2 * 10**9
     assert doc["event"]["start"] == "2023-11-14T22:13:25.000000Z"
     assert ("reason" in doc["event"]) == (action == "flow_end")
+    assert doc["tcp"]["handshake"] == "none"
+
+
+@pytest.mark.parametrize("state,name", [(Handshake.NONE, "none"), (Handshake.SYN, "syn"),
+                                        (Handshake.SYN_ACK, "syn_ack"), (Handshake.COMPLETE, "complete")])
+def test_flow_documents_say_how_far_the_handshake_went(shaper, state, name):
+    from xdpwatch.producer.records import DIR_TO_CLIENT, DIR_TO_SERVER
+
+    v = FlowValue(first_ns=5 * 10**9, last_ns=6 * 10**9, packets=3, bytes=200, tcp_flags=0x12, directions=1,
+                  handshake=state, nsizes=6)
+    v.server_sizes[:6] = [41, 1088, 1564, 44, 52, 52]
+    banners = {DIR_TO_SERVER: b"SSH-2.0-x\r\n"}
+    docs = {a: shaper.flow(FlowReport(a, "fin" if a == "flow_end" else None, ipv4_key("192.0.2.7", 1, "192.0.2.1"),
+                                      v, banners))
+            for a in ("flow_start", "flow_established", "flow_end")}
+    for doc in docs.values():
+        assert schemas.errors("ssh-flows", doc) == [] and doc["tcp"]["handshake"] == name
+    est = docs["flow_established"]
+    assert est["event"]["type"] == ["connection", "info"] and est["@timestamp"] == est["event"]["end"]
+    assert "auth" not in est["ssh"] and docs["flow_end"]["ssh"]["auth"]["failures"] == 1
+
+
+def test_the_most_failures_the_kernel_can_count_fit_the_schema(shaper):
+    from xdpwatch.producer.records import SERVER_SIZES
+
+    v = FlowValue(first_ns=1, last_ns=2, packets=30, bytes=3000, directions=1, nsizes=SERVER_SIZES,
+                  handshake=Handshake.COMPLETE)
+    v.server_sizes[:] = [41, 1088, 1564, 44] + [52] * (SERVER_SIZES - 4)
+    doc = shaper.flow(FlowReport("flow_end", "fin", ipv4_key("192.0.2.7", 1, "192.0.2.1"), v, {2: b"SSH-2.0-y\r\n"}))
+    assert doc["ssh"]["auth"]["failures"] == SERVER_SIZES - 5 == 7
+    assert schemas.errors("ssh-flows", doc) == []
+    doc["ssh"]["auth"]["failures"] = 8
+    assert schemas.errors("ssh-flows", doc) != []
 
 
 def test_ipv6_flow_and_ids(shaper):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xdpwatch.producer.flows import FlowReport, FlowTimeouts, FlowTracker
-from xdpwatch.producer.records import EventType, FlowEvent, FlowKey, FlowValue
+from xdpwatch.producer.records import EventType, FlowEvent, FlowKey, FlowValue, Handshake
 
 S = 10**9
 
@@ -170,3 +170,51 @@ def test_the_sweep_reads_the_timestamps_at_the_head_of_a_raw_value():
 
     raw = bytes(FlowValue(first_ns=1, last_ns=2, fin_ns=3, rst_ns=4, packets=5))
     assert _TIMES.unpack_from(raw) == (1, 2, 3, 4)
+
+
+def complete(v: FlowValue) -> FlowValue:
+    v.handshake = Handshake.COMPLETE
+    return v
+
+
+def test_established_is_reported_once_between_start_and_end(world):
+    table, reports, pending, tracker = world
+    k = key(40100)
+    table.put(k, complete(val(1 * S, last=2 * S, packets=3)))
+    pending += [event(EventType.FLOW_START, k, val(1 * S)), event(EventType.FLOW_ESTABLISHED, k,
+                                                                   complete(val(1 * S, packets=3)))]
+    tracker.sweep(2 * S)
+    tracker.sweep(3 * S)  # the table says complete again: no second report
+    table.put(k, complete(val(1 * S, last=4 * S, packets=9, fin=4 * S)))
+    tracker.sweep(7 * S)
+    assert actions(reports) == [("flow_start", None, 40100, 1), ("flow_established", None, 40100, 3),
+                                ("flow_end", "fin", 40100, 9)]
+
+
+def test_a_dropped_established_event_is_recovered_by_the_sweep(world):
+    """The ring buffer was full when the handshake completed: the sweep finds it complete
+    in the table and reports it, after the start and before the end."""
+    table, reports, pending, tracker = world
+    k = key(40101)
+    pending.append(event(EventType.FLOW_START, k, val(1 * S)))
+    table.put(k, complete(val(1 * S, last=2 * S, packets=3)))
+    tracker.sweep(3 * S)
+    assert actions(reports) == [("flow_start", None, 40101, 1), ("flow_established", None, 40101, 3)]
+
+
+@pytest.mark.parametrize("how", ["rst event", "shutdown"])
+def test_an_end_of_a_complete_flow_reports_its_handshake_first(world, how):
+    """The established event was lost and no sweep saw the handshake complete before the
+    flow ended: its end still comes after its start and an established report."""
+    table, reports, pending, tracker = world
+    k = key(40102)
+    if how == "rst event":  # start and established events both lost
+        pending.append(event(EventType.FLOW_END_RST, k, complete(val(1 * S, packets=4, rst=2 * S))))
+        tracker.sweep(3 * S)
+    else:
+        pending.append(event(EventType.FLOW_START, k, val(1 * S)))
+        table.put(k, val(1 * S))
+        tracker.sweep(2 * S)
+        table.put(k, complete(val(1 * S, packets=4)))
+        tracker.shutdown(3 * S)
+    assert [a for a, *_ in actions(reports)] == ["flow_start", "flow_established", "flow_end"]

@@ -50,7 +50,8 @@ def c_layout(tmp_path_factory) -> dict:
         args.append(f"sizeof(struct {s})")
         for f in fields:
             args += [f"offsetof(struct {s}, {f})", f"sizeof(((struct {s} *)0)->{f})"]
-    for e in c_enumerators("counter_id") + c_enumerators("flow_event_type") + ["DIR_TO_SERVER", "DIR_TO_CLIENT"]:
+    for e in (c_enumerators("counter_id") + c_enumerators("flow_event_type") + c_enumerators("handshake")
+              + ["DIR_TO_SERVER", "DIR_TO_CLIENT"]):
         fmt.append(f'\\"{e}\\": %d')
         args.append(f"(int){e}")
     src = ("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n#include \"xdpwatch.h\"\n"
@@ -82,8 +83,8 @@ def test_struct_layout_matches_c(c_layout, cname):
 
 
 def test_sizes_the_ring_buffer_reader_relies_on(c_layout):
-    assert c_layout["flow_event"]["size"] == ct.sizeof(r.FlowEvent) == 144
-    assert c_layout["flow_key"]["size"] == 40 and c_layout["flow_value"]["size"] == 96
+    assert c_layout["flow_event"]["size"] == ct.sizeof(r.FlowEvent) == 160
+    assert c_layout["flow_key"]["size"] == 40 and c_layout["flow_value"]["size"] == 112
     assert c_layout["counter"]["size"] == 16
 
 
@@ -98,34 +99,38 @@ def test_counter_ids_match_c(c_layout):
 def test_event_types_and_directions_match_c(c_layout):
     assert {e.name: e.value for e in r.EventType} == {"FLOW_START": c_layout["EV_FLOW_START"],
                                                        "FLOW_END_RST": c_layout["EV_FLOW_END_RST"],
-                                                       "BANNER": c_layout["EV_BANNER"]}
+                                                       "BANNER": c_layout["EV_BANNER"],
+                                                       "FLOW_ESTABLISHED": c_layout["EV_FLOW_ESTABLISHED"]}
+    assert {f"HS_{h.name}": h.value for h in r.Handshake} == {e: c_layout[e] for e in c_enumerators("handshake")}
     assert (c_layout["DIR_TO_SERVER"], c_layout["DIR_TO_CLIENT"]) == (r.DIR_TO_SERVER, r.DIR_TO_CLIENT) == (1, 2)
 
 
 # struct flow_event packed by hand from the C declaration order, independent of ctypes:
-# flow_value (6 x u64, u32 tcp_flags, u8 midstream, u8 directions, 2 pad),
+# flow_value (8 x u64, u32 tcp_flags, u32 client_isn, u32 server_isn, u8 midstream, directions,
+# banners, nsizes, handshake, 1 pad, 12 x u16 server_sizes, 6 pad),
 # flow_key (16 + 16 addr bytes, u16 client_port, u16 server_port, u8 family, u8 proto, 2 pad),
 # u32 type, u32 pad. Little endian (x86-64 and arm64 hosts).
-EVENT = struct.Struct("<8QIBBBB12H16s16sHHBB2xII")
+EVENT = struct.Struct("<8QIIIBBBBBx12H6x16s16sHHBB2xII")
 
 
 def packed_event(**kw) -> bytes:
     v = dict(first_ns=1_000, last_ns=2_000, fin_ns=1_500, rst_ns=1_900, packets=7, bytes=1234,
-             to_client_packets=3, to_client_bytes=600, tcp_flags=0x17,
-             midstream=1, directions=3, banners=1, nsizes=2, sizes=[41, 1088] + [0] * 10,
+             to_client_packets=3, to_client_bytes=600, tcp_flags=0x17, client_isn=7, server_isn=0xFFFFFFFF,
+             midstream=1, directions=3, banners=1, nsizes=2, handshake=3, sizes=[41, 1088] + [0] * 10,
              client=bytes([192, 0, 2, 7]) + bytes(12),
              server=bytes([192, 0, 2, 1]) + bytes(12), client_port=40000, server_port=22, family=4, proto=6,
              type=2, pad=0)
     v.update(kw)
     return EVENT.pack(v["first_ns"], v["last_ns"], v["fin_ns"], v["rst_ns"], v["packets"], v["bytes"],
                       v["to_client_packets"], v["to_client_bytes"],
-                      v["tcp_flags"], v["midstream"], v["directions"], v["banners"], v["nsizes"], *v["sizes"],
+                      v["tcp_flags"], v["client_isn"], v["server_isn"], v["midstream"], v["directions"],
+                      v["banners"], v["nsizes"], v["handshake"], *v["sizes"],
                       v["client"], v["server"],
                       v["client_port"], v["server_port"], v["family"], v["proto"], v["type"], v["pad"])
 
 
 def test_decode_event_from_bytes():
-    assert EVENT.size == 144
+    assert EVENT.size == 160
     ev = r.decode_event(packed_event())
     assert isinstance(ev, r.FlowEvent)
     assert ev.type == r.EventType.FLOW_END_RST and ev._pad == 0
@@ -133,6 +138,8 @@ def test_decode_event_from_bytes():
     assert (v.first_ns, v.last_ns, v.fin_ns, v.rst_ns, v.packets, v.bytes) == (1_000, 2_000, 1_500, 1_900, 7, 1234)
     assert (v.to_client_packets, v.to_client_bytes) == (3, 600)
     assert (v.tcp_flags, v.midstream, v.directions) == (0x17, 1, r.DIR_TO_SERVER | r.DIR_TO_CLIENT)
+    assert (v.client_isn, v.server_isn, v.handshake) == (7, 0xFFFFFFFF, r.Handshake.COMPLETE)
+    assert list(v.server_sizes[:v.nsizes]) == [41, 1088]
     k = ev.key
     assert (k.client_ip, k.client_port, k.server_ip, k.server_port, k.family, k.proto) == \
         ("192.0.2.7", 40000, "192.0.2.1", 22, 4, 6)
@@ -155,15 +162,15 @@ def test_decode_event_copies_and_ignores_trailing_bytes():
 
 def test_decode_event_from_a_pointer():
     # bcc's ring-buffer callback hands (pointer, size)
-    buf = ct.create_string_buffer(packed_event(), 144)
-    ev = r.decode_event(ct.addressof(buf), 144)
+    buf = ct.create_string_buffer(packed_event(), 160)
+    ev = r.decode_event(ct.addressof(buf), 160)
     assert bytes(ev) == packed_event()
     assert bytes(r.decode_event(ct.addressof(buf))) == packed_event()  # size defaults to the struct's
 
 
-@pytest.mark.parametrize("n", [0, 1, 56, 143])
+@pytest.mark.parametrize("n", [0, 1, 56, 159])
 def test_decode_event_refuses_short_records(n):
-    with pytest.raises(ValueError, match=f"record of {n} bytes, expected 144"):
+    with pytest.raises(ValueError, match=f"record of {n} bytes, expected 160"):
         r.decode_event(packed_event()[:n])
 
 
@@ -184,12 +191,12 @@ def test_tcp_flag_names(flags, names):
 
 
 def test_banner_event_shares_the_type_offset(c_layout):
-    assert c_layout["banner_event"]["size"] == ct.sizeof(r.BannerEvent) == ct.sizeof(r.FlowEvent) == 144
-    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 136
-    raw = bytearray(144)
-    raw[136:140] = (3).to_bytes(4, "little")
+    assert c_layout["banner_event"]["size"] == ct.sizeof(r.BannerEvent) == ct.sizeof(r.FlowEvent) == 160
+    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 152
+    raw = bytearray(160)
+    raw[152:156] = (3).to_bytes(4, "little")
     raw[0:4] = bytes([192, 0, 2, 7])
     raw[48:52] = b"SSH-"
-    raw[140:142] = (4).to_bytes(2, "little")
+    raw[156:158] = (4).to_bytes(2, "little")
     ev = r.decode_event(bytes(raw))
     assert isinstance(ev, r.BannerEvent) and ev.banner == b"SSH-"
