@@ -205,9 +205,9 @@ def budget_alert(alert: dict, why: Exhausted, held: int) -> dict:
     """The alert (alert.v1) raised instead of the block of `alert`'s source that the budget
     refused: `source.ip` is that source, the evidence points at `alert` (its event.id as first
     and last event id, its times), `count` is the budget's figure and `window_s` its window
-    (the rate's; 0 for "active"). `held`: blocks refused since the
-    previous budget alert without one of their own, said in the message. event.id is
-    deterministic: rule, source and the refused alert's id."""
+    (the rate's; 0 for "active"). `held`: blocks refused since the previous budget alert
+    without one of their own, said in the message. event.id is deterministic: rule, source
+    and the refused alert's id."""
     ip, cause, ev = alert["source"]["ip"], alert["event"]["id"], alert["xdpwatch"]["evidence"]
     more = f"; {held} more blocks refused since the previous budget alert" if held else ""
     return {
