@@ -44,14 +44,6 @@ class LogLevel(str, enum.Enum):
     error = "error"
 
 
-class BlockRule(str, enum.Enum):
-    """Alert rules whose subject is one source: what --block-on can block."""
-
-    ssh_bruteforce = "ssh_bruteforce"
-    ssh_auth_failures = "ssh_auth_failures"
-    ssh_scan = "ssh_scan"
-
-
 class LogFormat(str, enum.Enum):
     text = "text"
     json = "json"
@@ -85,6 +77,13 @@ def _option(parse, text: str, option: str):
         return parse(text)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+
+def _block_rules(rules: list[str]) -> list[str]:
+    """--block-on: only rules whose evidence a spoofer cannot forge; any other is a bad option."""
+    from .consumers.control import blockable
+
+    return [_option(blockable, r, "--block-on") for r in rules]
 
 
 def _prefix(text: str, option: str):
@@ -297,9 +296,13 @@ def alert(
     dead_letter: DeadLetterOpt = "kafka",
     topic_prefix: PrefixOpt = "xdpwatch",
     print_default_rules: Annotated[bool, typer.Option(help="Print the default rules file, documented, and exit.")] = False,
-    block_on: Annotated[list[BlockRule], typer.Option("--block-on", envvar="XDPWATCH_BLOCK_ON",
-                                                      help="Also send a block command for the source of each alert of this rule (repeat); producers running with --enforce drop it. Not for replays: the TTL counts from now.")] = [],
+    block_on: Annotated[list[str], typer.Option("--block-on", metavar="RULE", envvar="XDPWATCH_BLOCK_ON", callback=_block_rules,
+                                                help="Also send a block command for the source of each alert of this rule (repeat): ssh_bruteforce, ssh_auth_failures or ssh_scan, the rules that count only connections whose TCP handshake completed, which a forged source address cannot do. Producers running with --enforce drop it. Not for replays: the TTL counts from now.")] = [],
     block_ttl: Annotated[str, typer.Option(envvar="XDPWATCH_BLOCK_TTL", help="How long --block-on blocks last: 90s, 15m, 2h, 7d.")] = "15m",
+    block_rate: Annotated[int, typer.Option(envvar="XDPWATCH_BLOCK_RATE", min=1,
+                                            help="Budget of --block-on: at most this many block commands per minute; beyond it, a block_budget_exhausted alert (at most one a minute) instead of a block.")] = 10,
+    block_max_active: Annotated[int, typer.Option(envvar="XDPWATCH_BLOCK_MAX_ACTIVE", min=1,
+                                                  help="Budget of --block-on: at most this many of its blocks within their TTL at once; beyond it, a block_budget_exhausted alert instead of a block. `xdpwatch block` is never limited.")] = 100,
     exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
     metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = LogLevel.info,
@@ -321,22 +324,26 @@ def alert(
     except OSError as e:
         raise ConsumerError(f"cannot read rules file {rules}: {e.strerror}") from None
     sink: AlertSink | None = None
+    blocker = None
     conf, producer_conf, dl, stop, stats = _consumer_setup(
         bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
-        metrics_port, "alert", lambda: {"alerts": ("Alerts raised", sink.count if sink else 0)})
+        metrics_port, "alert", lambda: {
+            "alerts": ("Alerts raised", sink.count if sink else 0),
+            "block_commands": ("Block commands sent by --block-on", blocker.sent if blocker else 0),
+            "blocks_refused": ("Blocks --block-on did not send: its budget was spent", blocker.refused if blocker else 0)})
     ttl_s = _duration(block_ttl, "--block-ttl")
     sink = AlertSink(output, producer_conf, f"{topic_prefix}.alerts")
-    blocker = None
     if block_on:
-        from .consumers.control import BlockOnAlert, CommandSender
+        from .consumers.control import BlockBudget, BlockOnAlert, CommandSender
 
         blocker = BlockOnAlert(CommandSender(producer_conf, schemas.topic(topic_prefix, "control")),
-                               {r.value for r in block_on}, ttl_s)
+                               set(block_on), ttl_s, BlockBudget(block_rate, block_max_active), sink.put)
     topics = [f"{topic_prefix}.ssh-flows", f"{topic_prefix}.packet-counts"]
     run_loop(conf, topics, AlertHandler(rules_cfg, sink, blocker), dl, stop, exit_when_idle, stats)
-    logging.getLogger("xdpwatch").info("stopped: %d events handled, %d alerts, %d dead-lettered%s",
-                                       stats.handled, sink.count, stats.dead_lettered,
-                                       f", {blocker.sent} block commands" if blocker else "")
+    logging.getLogger("xdpwatch").info(
+        "stopped: %d events handled, %d alerts, %d dead-lettered%s", stats.handled, sink.count, stats.dead_lettered,
+        f", {blocker.sent} block commands, {blocker.refused} refused by the budget "
+        f"({blocker.budget_alerts} block_budget_exhausted alerts)" if blocker else "")
 
 
 # ---------------------------------------------------------------------------- prevention

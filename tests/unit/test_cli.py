@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,6 +62,25 @@ def test_bad_flag_values_are_usage_errors():
     r = run("produce", "--iface", "lo", "--bootstrap-servers", "127.0.0.1:1", "-X", "oops")
     assert r.returncode == 2 and "Invalid value for '-X'" in r.stderr and "key=value" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_block_on_refuses_rules_a_spoofer_can_trigger():
+    """Refused before anything starts (no broker is reachable here), with the reason on one line."""
+    no_address = "not one source: it has no address to block"
+    for args, env, why in [
+        (["--block-on", "ssh_bruteforce", "--block-on", "ssh_syn_flood"], {},
+         "ssh_syn_flood counts SYNs, which anyone can send with a forged source address: it can alert but never block"),
+        (["--block-on", "traffic_spike"], {}, f"traffic_spike measures an interface's packet rate, {no_address}"),
+        ([], {"XDPWATCH_BLOCK_ON": "ssh_scan kernel_drops"},
+         "kernel_drops reports events lost in the kernel, not a source: it has no address to block"),
+        (["--block-on", "bruteforce"], {},
+         "'bruteforce' is not an alert rule; rules that can block: ssh_bruteforce, ssh_auth_failures, ssh_scan"),
+    ]:
+        r = run("alert", "--bootstrap-servers", "127.0.0.1:1", *args, env={**os.environ, **env})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"Error: Invalid value for '--block-on': {why}"
+    r = run("alert", "--bootstrap-servers", "127.0.0.1:1", "--block-on", "ssh_scan", "--block-rate", "0")
+    assert r.returncode == 2 and "Invalid value for '--block-rate'" in r.stderr
 
 
 def test_missing_bootstrap_servers_is_explained():
