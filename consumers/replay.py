@@ -101,7 +101,9 @@ def select_inputs(archive: Path, names: list[str], stats: ReplayStats) -> list[S
     segments = []
     for p in paths:
         seg = Segment.parse(p)
-        if seg is None:
+        if not p.resolve().is_relative_to(root):  # listed, not named: a link leading out
+            stats.problem(f"{p.name}: skipped, a symbolic link to outside the archive directory", bad_file=True)
+        elif seg is None:
             why = ("an unfinished segment (being written, or left by a crash; its messages are "
                    "still in Kafka)" if p.name.endswith(".open") else "not an archive segment")
             stats.problem(f"{p.name}: skipped, {why}", bad_file=True)

@@ -145,6 +145,14 @@ def test_paths_are_confined_to_the_archive(archive, tmp_path):
         assert r.returncode == 1 and r.stdout == b""
         assert r.stderr.decode().strip() == (f"xdpwatch: error: {arg} is outside the archive directory "
                                              f"{directory}; name files inside it (relative paths)")
+    # Listed rather than named: a link leading out, even named like a segment, is not read.
+    inside = write_archive(tmp_path / "elsewhere", {5: [flow_doc(5, "10.0.5.5", 0)]})
+    planted = segment_name("xdpwatch.ssh-flows", 5, 0, 0)
+    (directory / planted).symlink_to(tmp_path / "elsewhere" / planted)
+    r = run(directory)
+    assert r.returncode == 4 and inside[5][0] not in r.stdout and len(r.stdout.splitlines()) == 14
+    assert f"{planted}: skipped, a symbolic link to outside the archive directory" in r.stderr.decode()
+    (directory / planted).unlink()
     first = sorted(directory.glob("xdpwatch.ssh-flows.p0.*"))[0].name
     r = run(directory, first)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
