@@ -169,3 +169,59 @@ def test_the_archive_command_refuses_an_open_directory_in_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"xdpwatch: error: archive {d}: writable by group or others (mode 0777); they could plant or swap files: "
         "chmod go-w it (0700 is best), or choose another --dir"]
+
+
+# ------------------------------------------------------------------------------ dead letters, alerts
+def open_dead_letter(path: Path):
+    from xdpwatch.consumers.base import FileDeadLetter
+
+    return FileDeadLetter(str(path))
+
+
+def open_alert_file(path: Path):
+    from xdpwatch.consumers.alert import AlertSink
+
+    return AlertSink(str(path), {}, "unused")
+
+
+SINKS = {"dead-letter file": open_dead_letter, "alert output": open_alert_file}
+
+
+@pytest.mark.parametrize("mask", [0, 0o022, 0o077])
+@pytest.mark.parametrize("what", SINKS)
+def test_new_output_files_are_0600_whatever_the_umask(tmp_path, what, mask):
+    path = tmp_path / "out.jsonl"
+    with umask(mask):
+        sink = SINKS[what](path)
+    sink.put({"n": 1})
+    sink.close()
+    assert mode(path) == 0o600 and path.read_bytes() == b'{"n":1}\n'
+    sink = SINKS[what](path)  # an existing file is appended to
+    sink.put({"n": 2})
+    sink.close()
+    assert path.read_bytes() == b'{"n":1}\n{"n":2}\n'
+
+
+@pytest.mark.parametrize("what", SINKS)
+def test_an_output_file_that_is_a_link_is_refused(tmp_path, victim, what):
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(victim)
+    with pytest.raises(ConsumerError) as e:
+        SINKS[what](link)
+    assert str(e.value) == f"cannot open {what} {link}: it is a symbolic link (never followed): give the real path"
+    assert untouched(victim)
+
+
+@pytest.mark.parametrize("option", ["--output", "--dead-letter"])
+def test_the_alert_command_refuses_a_link_in_one_line(tmp_path, victim, option):
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(victim)
+    args = {"--output": ["--output", str(link), "--dead-letter", str(tmp_path / "dl.jsonl")],
+            "--dead-letter": ["--output", "stdout", "--dead-letter", str(link)]}[option]
+    r = subprocess.run([XDPWATCH, "alert", *args, "--bootstrap-servers", closed_port()],
+                       capture_output=True, text=True, timeout=60)
+    what = {"--output": "alert output", "--dead-letter": "dead-letter file"}[option]
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"xdpwatch: error: cannot open {what} {link}: it is a symbolic link (never followed): give the real path"]
+    assert untouched(victim)
