@@ -288,10 +288,9 @@ class AlertSink:
 
             self._file, self._fsync = sys.stdout.buffer, False
         else:
-            try:
-                self._file, self._fsync = open(output, "ab"), True
-            except OSError as e:
-                raise ConsumerError(f"cannot open alert output {output}: {e.strerror}") from None
+            from .base import append_private
+
+            self._file, self._fsync = append_private(output, "alert output"), True
 
     def put(self, alert: dict) -> None:
         import os

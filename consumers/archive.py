@@ -18,6 +18,14 @@ A crash before 3 leaves a complete file whose offsets are not committed; a crash
 leaves an `.open` file that is discarded. On assignment the archiver starts each partition
 at max(last offset in the files + 1, committed offset): files are the truth, commits only
 help when files were moved away. So every offset lands in exactly one segment.
+
+Nobody else can plant files here: an existing directory writable by group or others, or
+owned by another user, is refused. No file is opened through a symbolic link, and those the
+archiver creates (`.open`, the write probe) are created as new files only (O_EXCL), 0600. A
+leftover at one of their names (a crash's, or a planted link) is removed first, by unlink,
+which never follows a link: `.open` when its partition is assigned, the probe just before
+it is written. One that appears in between stops the archiver with a clear error, and the
+file it points to is never touched.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +101,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _create_new(path: Path) -> int:
+    """A new file of the archiver's, 0600: never through a symbolic link, never an existing file."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _check_private(directory: Path) -> None:
+    """Refuse a directory that someone else could plant files or links in."""
+    st = directory.stat()
+    if st.st_uid != os.geteuid():
+        raise ConsumerError(f"archive {directory}: owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}); "
+                            "its owner could plant or swap files: chown it to this user, or choose another --dir")
+    if st.st_mode & 0o022:
+        raise ConsumerError(f"archive {directory}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                            "they could plant or swap files: chmod go-w it (0700 is best), or choose another --dir")
+
+
 def _storage_error(directory: Path, what: str, e: OSError) -> ConsumerError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ELOOP, errno.EEXIST):  # O_NOFOLLOW, O_EXCL
+        hint = (f"{Path(e.filename).name} is in the way: a symbolic link, or a file the archiver did not "
+                "create (it never follows or overwrites one); remove it")
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         hint = "the disk is full: free space (or point --dir elsewhere) and start again"
     elif e.errno == errno.EROFS:
         hint = "the file system is read-only"
@@ -116,8 +144,9 @@ class _OpenSegment:
         self.lines = self.raw_bytes = 0
         self.opened = time.monotonic()
         self.tmp = directory / f".{topic}.p{partition}.open"
-        # Evidence: readable by the archiving user only (0600), whatever the umask.
-        self._file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        # Evidence: readable by the archiving user only (0600), whatever the umask; a link or
+        # file in the way (removed at assignment, so planted since) is refused.
+        self._file = os.fdopen(_create_new(self.tmp), "wb")
         self._zw = zstandard.ZstdCompressor(level=level).stream_writer(self._file, closefd=False)
 
     def write(self, offset: int, line: bytes) -> None:
@@ -168,7 +197,10 @@ class Archiver:
         """Create/check the directory and lock it: one archiver per directory."""
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing one keeps its mode
-            lock = open(directory / LOCK_NAME, "a")
+            _check_private(directory)
+            # The lock file stays between runs: opened, never written, never through a link.
+            lock = os.fdopen(os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o600), "rb")
         except OSError as e:
             raise _storage_error(directory, "opening the archive directory", e) from None
         try:
@@ -178,7 +210,12 @@ class Archiver:
                                 "directory; give each archiver its own --dir") from None
         probe = directory / f".probe-{os.getpid()}"
         try:
-            probe.write_bytes(b"x")
+            probe.unlink(missing_ok=True)  # a crash's leftover (a container's pid is the same every run)
+            fd = _create_new(probe)
+            try:
+                os.write(fd, b"x")
+            finally:
+                os.close(fd)
             probe.unlink()
         except OSError as e:
             raise _storage_error(directory, "a test write", e) from None

@@ -76,14 +76,26 @@ class DeadLetterSink(Protocol):
     def close(self) -> None: ...
 
 
+def append_private(path: str, what: str):
+    """`path` opened for appending, created 0600 when new (whatever the umask), never through
+    a symbolic link: a planted link can neither divert evidence nor extend another file.
+    Raises ConsumerError naming `what` the file is for."""
+    import errno
+    import os
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        why = "it is a symbolic link (never followed): give the real path" if e.errno == errno.ELOOP else e.strerror
+        raise ConsumerError(f"cannot open {what} {path}: {why}") from None
+    return os.fdopen(fd, "ab")
+
+
 class FileDeadLetter:
-    """Dead letters as JSON lines appended to a file (fsynced: they are evidence too)."""
+    """Dead letters as JSON lines appended to a file (fsynced: they are evidence too; 0600)."""
 
     def __init__(self, path: str):
-        try:
-            self._f = open(path, "ab")
-        except OSError as e:
-            raise ConsumerError(f"cannot open dead-letter file {path}: {e.strerror}") from None
+        self._f = append_private(path, "dead-letter file")
 
     def put(self, record: dict) -> None:
         import os

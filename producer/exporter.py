@@ -193,8 +193,8 @@ class KafkaExporter:
             elif not self._produce(*record):
                 break
             spool.pop()
-            if not len(spool):
-                log.info("spool drained: every spooled event is queued for Kafka")
+        if not len(spool):  # also when the last thing read was a torn or corrupt record, not an event
+            log.info("spool drained: every spooled event is queued for Kafka")
 
     def poll(self) -> None:
         self._unpolled = 0

@@ -10,12 +10,20 @@ while Kafka was down) is sent first by the next one.
 Layout: DIR/<seq>.spool segment files, each a sequence of records
     header (stream-name length u8, key length u16 (0xFFFF = no key), value length u32), stream, key, value
 A torn record at the end of a segment (a crash mid-write) is skipped and counted.
+
+Whatever is in the directory, the spool opens (damage is skipped, counted in `corrupt` and
+logged once per file, everything else is kept and sent): a `*.spool` file whose name is not a
+number, or that is not a regular file, is left in place; a record whose stream name is not
+UTF-8 is skipped; a header announcing more than MAX_VALUE_BYTES (no event comes close) ends
+what can be read of its segment. Files not named `*.spool` are never looked at. No spool
+file is opened through a symbolic link.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 from collections import deque
 from pathlib import Path
@@ -26,6 +34,7 @@ _HEADER = struct.Struct("!BHI")
 _NO_KEY = 0xFFFF
 SEGMENT_BYTES = 16 << 20
 FIRST_SEQ = 10**9  # room below for segments written back at shutdown (see prepend)
+MAX_VALUE_BYTES = 16 << 20  # events are under 2 KB: a longer value means a corrupt header
 
 Record = tuple[str, "bytes | None", bytes]
 
@@ -36,14 +45,16 @@ class Spool:
         self.max_bytes = max_bytes
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        self._segments: deque[Path] = deque(sorted(directory.glob("*.spool"), key=_seq))
-        self.bytes = sum(p.stat().st_size for p in self._segments)
         self.torn = 0  # torn records skipped
+        self.corrupt = 0  # files, records and unreadable segment ends skipped as corrupt
+        self._segments: deque[Path] = deque(sorted(self._find_segments(), key=_seq))
+        self.bytes = sum(p.stat().st_size for p in self._segments)
         self._fd = self._writer_path = None
         self._fd_size = 0
         self._reader = None
         self._next: Record | None = None
         self._next_pos = 0
+        self._bad_stream_seen = self._bad_header = False  # in the segment being read
         self._count = sum(self._scan(p) for p in self._segments)
 
     def __len__(self) -> int:
@@ -58,9 +69,9 @@ class Spool:
         record = _encode(stream, key, value)
         if self.bytes + len(record) > self.max_bytes:
             return False
-        if self._fd is None or self._fd_size >= SEGMENT_BYTES:
-            self._open_writer()
         try:
+            if self._fd is None or self._fd_size >= SEGMENT_BYTES:
+                self._open_writer()
             written = os.write(self._fd, record)
         except OSError as e:
             written, error = 0, e
@@ -135,7 +146,8 @@ class Spool:
         """The oldest event, or None when the spool is empty; `pop` removes it."""
         while self._next is None and self._count and self._segments:
             if self._reader is None:
-                self._reader = open(self._segments[0], "rb")
+                self._reader = open(self._segments[0], "rb", opener=_private)
+                self._bad_stream_seen = self._bad_header = False
             self._next = self._read_one()
             if self._next is None:  # end of this segment
                 self._finish_segment()
@@ -152,19 +164,39 @@ class Spool:
             self.bytes = 0
 
     def _read_one(self) -> Record | None:
+        """The next record of the segment being read (a corrupt one is skipped and counted);
+        None at its end, or where the rest cannot be read (torn or corrupt header)."""
         f = self._reader
-        start = self._next_pos = f.tell()
-        header = f.read(_HEADER.size)
-        if len(header) == _HEADER.size:
+        while True:
+            start = self._next_pos = f.tell()
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                break
             n_stream, n_key, n_value = _HEADER.unpack(header)
+            if n_value > MAX_VALUE_BYTES:
+                self._bad_header = True
+                break
             size = _body_size(n_stream, n_key, n_value)
             body = f.read(size)
-            if len(body) == size:
+            if len(body) < size:
+                break
+            try:
                 stream = body[:n_stream].decode()
-                key = None if n_key == _NO_KEY else body[n_stream:n_stream + n_key]
-                return stream, key, body[len(body) - n_value:]
+            except UnicodeDecodeError:
+                self._skip_corrupt_record()
+                continue
+            key = None if n_key == _NO_KEY else body[n_stream:n_stream + n_key]
+            return stream, key, body[len(body) - n_value:]
         f.seek(start)
         return None
+
+    def _skip_corrupt_record(self) -> None:
+        self._count -= 1
+        self.corrupt += 1
+        if not self._bad_stream_seen:
+            self._bad_stream_seen = True
+            log.warning("spool segment %s holds records whose stream name is not UTF-8 (the file was damaged): "
+                        "each is skipped and counted, the others are sent", self._segments[0].name)
 
     def _finish_segment(self) -> None:
         path = self._segments[0]
@@ -174,26 +206,48 @@ class Spool:
         self._reader.close()
         self._reader = None
         if tail:
-            self.torn += 1
             self._count -= 1
-            log.warning("spool segment %s ends with a torn record (%d bytes, from a crash or a full disk mid-write): skipped",
-                        path.name, tail)
+            if self._bad_header:
+                self.corrupt += 1
+                log.warning("spool segment %s: a record header is corrupt (it announces a value over %d bytes) %d bytes "
+                            "before the end; that rest cannot be read and is skipped, the records before it were sent",
+                            path.name, MAX_VALUE_BYTES, tail)
+            else:
+                self.torn += 1
+                log.warning("spool segment %s ends with a torn record (%d bytes, from a crash or a full disk "
+                            "mid-write): skipped", path.name, tail)
         self.bytes -= path.stat().st_size
         path.unlink()
         self._segments.popleft()
 
+    def _find_segments(self) -> list[Path]:
+        """The directory's segments: regular files named `<number>.spool`. Any other
+        `*.spool` is skipped, counted and left where it is."""
+        found = []
+        for path in self.dir.glob("*.spool"):
+            if path.stem.isascii() and path.stem.isdigit() and stat.S_ISREG(path.lstat().st_mode):
+                found.append(path)
+            else:
+                self.corrupt += 1
+                log.warning("spool %s: %s is not a spool segment (its name must be a number and it must be a regular "
+                            "file): skipped and left in place; move it out of the spool directory", self.dir, path.name)
+        return found
+
     def _scan(self, path: Path) -> int:
-        """Records in a segment left by an earlier run (a torn tail counts as one, found
-        and discounted when read)."""
+        """Records in a segment left by an earlier run (a torn tail, or what follows a
+        corrupt header, counts as one, found and discounted when read)."""
         n, pos, size = 0, 0, path.stat().st_size
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=_private) as f:
             while pos < size:
                 f.seek(pos)
                 header = f.read(_HEADER.size)
                 n += 1
                 if len(header) < _HEADER.size:
                     break
-                pos += _HEADER.size + _body_size(*_HEADER.unpack(header))
+                n_stream, n_key, n_value = _HEADER.unpack(header)
+                if n_value > MAX_VALUE_BYTES:
+                    break
+                pos += _HEADER.size + _body_size(n_stream, n_key, n_value)
         return n
 
     def close(self) -> None:
@@ -221,4 +275,5 @@ def _seq(path: Path) -> int:
 
 
 def _private(path, flags):
-    return os.open(path, flags, 0o600)
+    """Open a spool file (0600 when created), never through a symbolic link."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)

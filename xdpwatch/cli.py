@@ -552,7 +552,7 @@ def replay(
 @app.command(epilog="Example: sudo make demo DURATION=30   (or: sudo .venv/bin/xdpwatch demo --duration 30)")
 def demo(
     duration: Annotated[float, typer.Option(envvar="DURATION", min=10, max=3600, help="Seconds of traffic before it stops by itself (Ctrl-C stops it earlier).")] = 60.0,
-    directory: Annotated[Path, typer.Option("--dir", help="Where the archive, logs and summary.json go (emptied first).")] = Path("demo-output"),
+    directory: Annotated[Path, typer.Option("--dir", help="Where the archive, logs and summary.json go: created, or emptied if an earlier demo made it; any other non-empty directory is refused.")] = Path("demo-output"),
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="Live terminal view (default: when stdout is a terminal), else a status line every 5 s.", show_default=False)] = None,
 ) -> None:
     """Run the whole pipeline on this machine: a broker, a namespace with a real sshd,

@@ -9,7 +9,8 @@
 Every component is the real one, started as a user would start it. Stops after `duration`
 seconds or on Ctrl-C, stops everything in order (traffic, producer, then consumers once
 they have read everything) and removes what it created: processes, namespaces, veths,
-bridge, XDP (released with the producer's BPF link).
+bridge, XDP (released with the producer's BPF link). Its directory (`--dir`) is emptied only
+if a demo made it (see `prepare_workdir`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ min_rate = 1000.0
 
 class DemoError(Exception):
     exit_code = 1
+
+
+MARKER = ".xdpwatch-demo"  # in every directory a demo made: the next demo may empty it
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Make `workdir` an empty directory marked as the demo's. Only a directory that is
+    missing, empty, or marked by an earlier demo (its archive belongs to a broker that is
+    gone) is emptied; anything else is refused with DemoError and left as it is, so a
+    mistyped --dir never costs anyone their files."""
+    marker = workdir / MARKER
+    if workdir.is_symlink() or workdir.exists() and not workdir.is_dir():
+        raise DemoError(f"--dir {workdir} is not a directory (or is a symbolic link): choose another --dir")
+    if workdir.exists():
+        ours = marker.is_file() and not marker.is_symlink()
+        if not ours and any(workdir.iterdir()):
+            raise DemoError(f"--dir {workdir} is not empty and no demo made it (no {MARKER} in it): nothing was "
+                            "removed; choose another --dir, or empty it yourself")
+        for child in workdir.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `xdpwatch demo`: the next demo with this --dir empties this directory\n")
 
 
 # ------------------------------------------------------------------------------ processes
@@ -221,13 +244,12 @@ class Demo:
     def run(self) -> dict:
         if os.geteuid() != 0:
             raise DemoError("the demo attaches XDP and creates network namespaces: run it as root (sudo make demo)")
+        prepare_workdir(self.workdir)
         for tool in ("sshpass", "zstdcat"):
             if shutil.which(tool) is None:
                 raise DemoError(f"{tool} is missing: run `make setup`")
-        if self.workdir.exists():  # a previous demo's archive belongs to a broker that is gone
-            shutil.rmtree(self.workdir)
         logs = self.workdir / "logs"
-        logs.mkdir(parents=True)
+        logs.mkdir()
         (self.workdir / "rules.toml").write_text(DEMO_RULES)
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -218,7 +218,7 @@ def test_disk_full_is_a_clear_error_and_commits_only_durable_segments(broker_fac
     produce(broker, docs)
     mnt = tmp_path / "small"
     mnt.mkdir()
-    sh("mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt))
+    sh("mount", "-t", "tmpfs", "-o", "size=400k,mode=0700", "tmpfs", str(mnt))
     try:
         r = subprocess.run(archive_cmd(broker, mnt, tmp_path / "dl.jsonl", "--roll-mb", "0.1",
                                        "--exit-when-idle", "4"),
@@ -239,7 +239,7 @@ def test_read_only_directory_is_a_clear_error(broker_factory, tmp_path):
     broker = broker_factory()
     mnt = tmp_path / "ro"
     mnt.mkdir()
-    sh("mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt))
+    sh("mount", "-t", "tmpfs", "-o", "ro,size=64k,mode=0700", "tmpfs", str(mnt))
     try:
         r = subprocess.run(archive_cmd(broker, mnt, tmp_path / "dl.jsonl"), capture_output=True, text=True,
                            timeout=30)

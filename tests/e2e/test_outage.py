@@ -180,3 +180,54 @@ def test_a_burst_bigger_than_the_local_queue_needs_no_spool_while_the_broker_is_
     assert (stats.delivered, stats.failed, stats.dropped, stats.spooled) == (n, 0, 0, 0)  # ...and all arrived
     values = sorted(int(orjson.loads(m.value)["i"]) for m in consume_all(broker.bootstrap, "burst.ssh-flows"))
     assert values == list(range(n))
+
+
+def test_a_corrupt_spool_never_fails_the_start(testnet, broker_factory, tmp_path):
+    """A spool damaged between runs: a `*.spool` file whose name is not a number, a record
+    whose stream name is not UTF-8, a header announcing a 4 GiB value. The producer starts,
+    says what it skipped, and delivers every valid spooled event exactly once (the broker
+    checks each against its schema); what is not a segment stays where it was."""
+    from xdpwatch import schemas
+    from xdpwatch.producer import spool as spool_mod
+
+    # Real events to spool: a producer's own interval records, printed on stdout.
+    with ProducerProc("--iface", testnet.iface, "--output", "stdout", "--interval", "0.2") as p:
+        p.wait_attached()
+        time.sleep(1.5)
+        assert p.stop() == 0, p.stderr
+        values = p.proc.stdout.read().splitlines()
+    assert len(values) >= 5
+    spooled = [("packet-counts", schemas.key_of("packet-counts", orjson.loads(v)), v) for v in values]
+    valid, last = spooled[:-1], spooled[-1]
+
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    bad_stream = spool_mod._HEADER.pack(2, 0xFFFF, 3) + b"\xff\xfe" + b"bad"
+    absurd = spool_mod._HEADER.pack(13, 0xFFFF, 0xFFFFFFFF) + b"packet-counts"
+    encode = lambda recs: b"".join(spool_mod._encode(*r) for r in recs)  # noqa: E731
+    half = len(valid) // 2
+    (spool / "001000000000.spool").write_bytes(encode(valid[:1]) + bad_stream + encode(valid[1:half]))
+    (spool / "001000000001.spool").write_bytes(encode(valid[half:]) + absurd + b"x" * 100)
+    (spool / "copy of 001000000000.spool").write_bytes(encode([last]))  # not a segment: never sent
+    (spool / "README").write_text("not the spool's")
+
+    broker = broker_factory(value_schemas={COUNTS: schemas.load("packet-counts"), FLOWS: schemas.load("ssh-flows")})
+    with ProducerProc("--iface", testnet.iface, "--bootstrap-servers", broker.bootstrap, "--interval", "0.3",
+                      spool_dir=spool) as producer:
+        producer.wait_attached()
+        producer.wait_for_log("spool drained", timeout=30)
+        rc = producer.stop()
+    assert rc == 0, producer.stderr
+    err = producer.stderr
+    assert "copy of 001000000000.spool is not a spool segment" in err and "move it out of the spool directory" in err
+    assert "001000000000.spool holds records whose stream name is not UTF-8" in err
+    assert "001000000001.spool: a record header is corrupt" in err
+    assert f"holds {len(valid) + 2} events from an earlier run" in err  # two found bad when read
+    assert "Traceback" not in err
+
+    ids = collections.Counter(d["event"]["id"] for _, d in documents(broker, COUNTS))
+    assert all(ids[orjson.loads(v)["event"]["id"]] == 1 for _, _, v in valid)
+    assert ids[orjson.loads(last[2])["event"]["id"]] == 0
+    assert sum(ids.values()) == len(ids) == summary_of(producer)["delivered"]  # spooled + this run's own, once each
+    assert sorted(p.name for p in spool.iterdir()) == ["README", "copy of 001000000000.spool"]
+    print(f"\n{len(valid)} valid spooled events delivered once; skipped: 1 file, 1 record, 1 unreadable tail")

@@ -145,6 +145,14 @@ def test_paths_are_confined_to_the_archive(archive, tmp_path):
         assert r.returncode == 1 and r.stdout == b""
         assert r.stderr.decode().strip() == (f"xdpwatch: error: {arg} is outside the archive directory "
                                              f"{directory}; name files inside it (relative paths)")
+    # Listed rather than named: a link leading out, even named like a segment, is not read.
+    inside = write_archive(tmp_path / "elsewhere", {5: [flow_doc(5, "10.0.5.5", 0)]})
+    planted = segment_name("xdpwatch.ssh-flows", 5, 0, 0)
+    (directory / planted).symlink_to(tmp_path / "elsewhere" / planted)
+    r = run(directory)
+    assert r.returncode == 4 and inside[5][0] not in r.stdout and len(r.stdout.splitlines()) == 14
+    assert f"{planted}: skipped, a symbolic link to outside the archive directory" in r.stderr.decode()
+    (directory / planted).unlink()
     first = sorted(directory.glob("xdpwatch.ssh-flows.p0.*"))[0].name
     r = run(directory, first)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
@@ -207,3 +215,67 @@ def test_archive_directory_is_locked_and_checked(tmp_path):
     with pytest.raises(ConsumerError, match="opening the archive directory failed"):
         Archiver(tmp_path / "file" / "sub", 10**6, 60)
     assert os.path.isdir(tmp_path / "x")
+
+
+def rle_bomb(size: int, block: int = 128 * 1024) -> bytes:
+    """One zstd frame of `size` bytes of "A" (no newline), built by hand (RFC 8878) from RLE
+    blocks: 4 bytes each for 128 KiB, the format's highest ratio. 10 GiB is 320 KiB."""
+    frame = bytearray(b"\x28\xb5\x2f\xfd" + bytes([0x00, 0x38]))  # magic; no size, no checksum; 128 KiB window
+    for i in range(size // block):
+        last = i == size // block - 1
+        frame += (last | 1 << 1 | block << 3).to_bytes(3, "little") + b"A"  # Last_Block, RLE, Block_Size
+    return bytes(frame)
+
+
+def test_rle_bomb_is_a_valid_zstd_frame():
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(rle_bomb(3 << 17)) == b"A" * (3 << 17)
+
+
+def test_a_decompression_bomb_is_replayed_in_bounded_memory(archive, tmp_path):
+    """A 320 KiB segment that expands to 10 GiB without a newline: reported as one oversized
+    line, skipped; the rest of the archive is replayed; the process stays small."""
+    directory, values = archive
+    size = 10 << 30
+    name = segment_name("xdpwatch.ssh-flows", 2, 0, 0)
+    (directory / name).write_bytes(rle_bomb(size))
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        p = subprocess.Popen([XDPWATCH, "replay", "--dir", str(directory)], stdout=out, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+    err = (tmp_path / "err").read_text()
+    assert os.waitstatus_to_exitcode(status) == 4, err
+    assert f"{name}:1: skipped, a line of {size} bytes, over the 262144-byte limit" in err
+    assert "Traceback" not in err
+    assert sorted((tmp_path / "out").read_bytes().splitlines()) == sorted(values[0] + values[1])
+    print(f"\nreplay of a 10 GiB zstd bomb ({len(rle_bomb(size))} bytes): max RSS {usage.ru_maxrss // 1024} MiB")
+    assert usage.ru_maxrss < 256 * 1024  # KiB: 10 GiB never held, nor a quarter of it
+
+
+def test_an_oversized_line_is_skipped_and_the_lines_around_it_replayed(archive):
+    directory, values = archive
+    before, after = (orjson.dumps(flow_doc(i, "10.0.9.9", 100 + i)) for i in (900, 901))
+    huge = orjson.dumps({"padding": "x" * (300 << 10)})
+    name = segment_name("xdpwatch.ssh-flows", 2, 0, 2)
+    (directory / name).write_bytes(zstandard.ZstdCompressor().compress(before + b"\n" + huge + b"\n" + after + b"\n"))
+    r = run(directory, name)
+    err = r.stderr.decode()
+    assert r.returncode == 4, err
+    assert r.stdout.splitlines() == [before, after]
+    assert f"{name}:2: skipped, a line of {len(huge)} bytes, over the 262144-byte limit" in err
+    assert "1 bad lines and 0 bad files skipped" in err
+
+
+def test_zstd_lines_caps_lines_across_steps_and_frames(monkeypatch):
+    import io
+
+    from xdpwatch.consumers import replay as replay_mod
+    from xdpwatch.consumers.replay import Oversized, TruncatedFrame, zstd_lines
+
+    monkeypatch.setattr(replay_mod, "STEP_BYTES", 3)  # lines and frames split at every point
+    c = zstandard.ZstdCompressor()
+    text = [b"0123456789\n", b"01234567890\n", b"\n", b"ab\n", b"x" * 50 + b"\n", b"0123456789"]
+    data = c.compress(b"".join(text[:3])) + c.compress(b"".join(text[3:]))
+    assert list(zstd_lines(io.BytesIO(data), max_line=10)) == \
+        [b"0123456789\n", Oversized(11), b"\n", b"ab\n", Oversized(50), b"0123456789"]
+    assert list(zstd_lines(io.BytesIO(c.compress(b"y" * 11)), max_line=10)) == [Oversized(11)]
+    with pytest.raises(TruncatedFrame):
+        list(zstd_lines(io.BytesIO(data[:-3]), max_line=10))

@@ -78,6 +78,82 @@ def test_a_torn_tail_is_skipped_and_counted(tmp_path):
     assert s2.torn == 1 and len(s2) == 0
 
 
+def test_files_that_are_not_segments_are_skipped_counted_and_left_alone(tmp_path, caplog):
+    s = Spool(tmp_path, 1 << 20)
+    for r in records(5):
+        s.append(*r)
+    s.close()
+    victim = tmp_path.parent / "victim"
+    victim.write_bytes(spool_mod._encode("ssh-flows", b"k", b"secret"))
+    bad = {"evil.spool": b"\x00" * 9, "12x.spool": b"", "+7.spool": b"", "\u0663.spool": b"", ".spool": b""}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "000000000007.spool").mkdir()
+    (tmp_path / "000000000008.spool").symlink_to(victim)  # never read: it is not a regular file
+    (tmp_path / "notes.txt").write_text("not the spool's")
+    caplog.set_level("WARNING")
+    s2 = Spool(tmp_path, 1 << 20)
+    assert s2.corrupt == len(bad) + 2 and len(s2) == 5
+    assert drain(s2) == records(5)
+    for name in [*bad, "000000000007.spool", "000000000008.spool"]:
+        assert sum(f": {name} is not a spool segment" in m for m in caplog.messages) == 1, name
+        assert (tmp_path / name).exists() or (tmp_path / name).is_symlink()
+    assert (tmp_path / "notes.txt").read_text() == "not the spool's"
+    assert victim.read_bytes() == spool_mod._encode("ssh-flows", b"k", b"secret")
+
+
+def test_a_link_in_the_writers_way_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / f"{spool_mod.FIRST_SEQ:012d}.spool").symlink_to(victim)
+    s = Spool(tmp_path / "sp", 1 << 20)
+    assert s.corrupt == 1 and len(s) == 0
+    assert not s.append("ssh-flows", b"k", b"v")  # refused like a full disk: the exporter counts a drop
+    assert victim.read_bytes() == b"precious" and len(s) == 0
+
+
+def test_records_whose_stream_is_not_utf8_are_skipped_and_counted(tmp_path, caplog):
+    recs = records(6)
+    segment = tmp_path / f"{spool_mod.FIRST_SEQ:012d}.spool"
+    bad = spool_mod._HEADER.pack(2, 1, 3) + b"\xff\xfe" + b"k" + b"bad"
+    data = b"".join(spool_mod._encode(*r) for r in recs[:2]) + bad + spool_mod._encode(*recs[2]) + bad
+    segment.write_bytes(data + b"".join(spool_mod._encode(*r) for r in recs[3:]))
+    caplog.set_level("WARNING")
+    s2 = Spool(tmp_path, 1 << 20)
+    assert len(s2) == 8  # framing is intact: counted, found bad when read
+    assert drain(s2) == recs
+    assert s2.corrupt == 2 and s2.torn == 0 and len(s2) == 0 and not list(tmp_path.iterdir())
+    assert sum("not UTF-8" in m for m in caplog.messages) == 1  # once per file
+
+
+@pytest.mark.parametrize("where", ["past the end", "inside the file"])
+def test_an_absurd_length_ends_its_segment_only(tmp_path, monkeypatch, caplog, where):
+    """A header announcing more than any event: the rest of that segment cannot be framed;
+    the records before it and every other segment are sent, and the count stays exact."""
+    monkeypatch.setattr(spool_mod, "SEGMENT_BYTES", 300)
+    if where == "inside the file":
+        monkeypatch.setattr(spool_mod, "MAX_VALUE_BYTES", 20)  # the length points inside the segment
+    recs = records(40)
+    s = Spool(tmp_path, 1 << 20)
+    for r in recs:
+        s.append(*r)
+    s.close()
+    first, second = sorted(tmp_path.glob("*.spool"))[:2]
+    raw = first.read_bytes()
+    n_first = s._scan(first)
+    keep = len(spool_mod._encode(*recs[0])) + len(spool_mod._encode(*recs[1]))
+    n_stream, n_key, _ = spool_mod._HEADER.unpack(raw[keep:keep + spool_mod._HEADER.size])
+    absurd = 0xFFFFFFFF if where == "past the end" else 21
+    first.write_bytes(raw[:keep] + spool_mod._HEADER.pack(n_stream, n_key, absurd) + raw[keep + spool_mod._HEADER.size:])
+    caplog.set_level("WARNING")
+    s2 = Spool(tmp_path, 1 << 20)
+    assert drain(s2) == recs[:2] + recs[n_first:]
+    assert (s2.corrupt, s2.torn, len(s2), s2.bytes) == (1, 0, 0, 0)
+    assert not list(tmp_path.iterdir())
+    assert sum("a record header is corrupt" in m for m in caplog.messages) == 1
+
+
 def dead_end_exporter(spool: Spool | None, queue: int = 5) -> KafkaExporter:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
