@@ -305,9 +305,10 @@ LogLevel VERBOSE
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
                 f"root@{self.net.srv_ip}", remote_command]
 
-    def failed_login_cmd(self, password: str = "wrong") -> list[str]:
+    def failed_login_cmd(self, password: str = "wrong", connect_timeout: int | None = None) -> list[str]:
         """argv for a real password login that fails (root may not log in with a password)."""
-        return ["sshpass", "-p", password, "ssh", "-o", "StrictHostKeyChecking=no",
+        timeout = ["-o", f"ConnectTimeout={connect_timeout}"] if connect_timeout else []
+        return ["sshpass", "-p", password, "ssh", *timeout, "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "PubkeyAuthentication=no",
                 "-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1",
                 f"root@{self.net.srv_ip}", "true"]
