@@ -286,15 +286,14 @@ class ControlReader:
         """Every command already in the topic (up to its end when called), in order, as a
         stream: memory does not grow with the topic. Raises BrokerError when no message
         arrives for `stall_timeout` s while the end is not reached (however long the whole
-        read takes while it progresses)."""
-        from confluent_kafka import KafkaError, TopicPartition
+        read takes while it progresses).
 
-        behind = {}  # partition -> its end offset, while not reached
-        for tp in self._partitions:
-            _low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition),
-                                                              timeout=stall_timeout)
-            if high > 0:
-                behind[tp.partition] = high
+        The end is the consumer's end-of-partition event (the high watermark of the fetch
+        responses), not a watermark asked for beforehand: the test broker's ListOffsets
+        answers an offset below the end (16,727 for 20,005 records), which cut restores short."""
+        from confluent_kafka import KafkaError
+
+        behind = {tp.partition for tp in self._partitions}
         last_progress = time.monotonic()
         while behind:
             for m in self._consumer.consume(1000, 0.2):
@@ -302,10 +301,8 @@ class ControlReader:
                 if err is None:
                     last_progress = time.monotonic()
                     yield m.value()
-                    if m.offset() + 1 >= behind.get(m.partition(), 1 << 63):
-                        behind.pop(m.partition(), None)
                 elif err.code() == KafkaError._PARTITION_EOF:
-                    behind.pop(m.partition(), None)
+                    behind.discard(m.partition())
             if behind and time.monotonic() - last_progress > stall_timeout:
                 raise BrokerError(f"reading the control topic {self.topic} stalled: no message for {stall_timeout:.0f}s "
                                   f"before its end (partitions {sorted(behind)}); is the broker up?")
