@@ -269,7 +269,12 @@ class ControlReader:
 
         from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-        conf = {"bootstrap.servers": bootstrap, **{k: v for k, v in (extra or {}).items() if k not in KAFKA_DEFAULTS},
+        # Commands are small: fetches of at most 1 MiB a partition keep what librdkafka reads
+        # ahead to ~100 MB instead of ~250 MB while a long topic is restored (measured on
+        # 1,000,000 commands; the read itself then takes 6 s instead of 3, still ahead of
+        # the Enforcer). -X may change them.
+        conf = {"bootstrap.servers": bootstrap, "fetch.max.bytes": 2 << 20, "max.partition.fetch.bytes": 1 << 20,
+                **{k: v for k, v in (extra or {}).items() if k not in KAFKA_DEFAULTS},
                 "group.id": f"xdpwatch-control-{socket.gethostname()}-{os.getpid()}", "enable.auto.commit": False,
                 "enable.partition.eof": True}  # the end of a partition is reported: catch_up knows it is done
         try:
