@@ -159,3 +159,4 @@ def test_no_command_stops_the_enforcer_and_a_restart_attaches(testnet, broker_fa
         assert producer.stop() == 0, producer.stderr[-3000:]
     print(f"\n[hostile control] {len(sent)} commands decided in {handled_s:.1f}s (produce to last decision read "
           f"back), producer RSS {rss_before:.0f} MB before, {rss:.0f} MB after; restart: {restored.split('restored ', 1)[1]}")
+
