@@ -21,7 +21,7 @@ from scapy.layers.l2 import Ether
 from xdpwatch import schemas
 
 from .env import NOBODY_MAC, consume_all
-from .procs import ProducerProc
+from .procs import XDPWATCH, ProducerProc
 
 pytestmark = pytest.mark.e2e
 
@@ -160,3 +160,26 @@ def test_no_command_stops_the_enforcer_and_a_restart_attaches(testnet, broker_fa
     print(f"\n[hostile control] {len(sent)} commands decided in {handled_s:.1f}s (produce to last decision read "
           f"back), producer RSS {rss_before:.0f} MB before, {rss:.0f} MB after; restart: {restored.split('restored ', 1)[1]}")
 
+
+
+def test_a_block_that_comes_to_cover_an_address_of_this_host_is_lifted(testnet, broker_factory):
+    """The never-block list is read again while the producer runs: when this host takes an
+    address inside a blocked prefix, the block is lifted (with the reason) within a refresh."""
+    net = testnet
+    broker = broker_factory(value_schemas={f"xdpwatch.{s}": schemas.load(s) for s in schemas.names()})
+    bs = ["--bootstrap-servers", broker.bootstrap]
+    with ProducerProc("--iface", net.iface, *bs, "--interval", "0.5", "--enforce") as producer:
+        producer.wait_attached()
+        r = subprocess.run([XDPWATCH, "block", "198.19.255.0/24", "--ttl", "1h", *bs], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        producer.wait_for_log("blocking 198.19.255.0/24", timeout=30)
+        # Our own test interface (removed with the test network) takes an address in it.
+        subprocess.run(["ip", "addr", "add", "198.19.255.1/32", "dev", net.iface], check=True)
+        producer.wait_for_log("block removed 198.19.255.0/24", timeout=30)
+        assert producer.stop() == 0, producer.stderr[-3000:]
+    removed = [d for d in (orjson.loads(m.value) for m in consume_all(broker.bootstrap, "xdpwatch.enforcement"))
+               if d["event"]["action"] == "block_removed"]
+    assert removed[0]["xdpwatch"]["enforcement"]["prefix"] == "198.19.255.0/24"
+    assert removed[0]["event"]["reason"] == ("198.19.255.1 is an address of this host: a block overlapping it "
+                                             "is lifted")
