@@ -789,7 +789,7 @@ def table(r: dict) -> str:
              (f"   {rs['commands']:,} commands, read and restored", f"{rs['restore_s']}",
               f"{rs['restore_per_s']:,}/s; {rs['blocks_applied']:,} blocks applied; RSS {rs['rss_mb_program_loaded']} MB "
               f"with the program loaded, peak {rs['peak_rss_mb']} MB"),
-             ("   of which reading the topic alone", f"{rs['read_only_s']}", f"{rs['read_per_s']:,}/s")]
+             ("   reading the topic alone (a separate pass)", f"{rs['read_only_s']}", f"{rs['read_per_s']:,}/s")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)

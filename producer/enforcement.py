@@ -206,7 +206,9 @@ class Enforcer:
 
     def handle(self, raw: bytes, now: float | None = None) -> None:
         """One control-topic message: apply it, or reject it (published either way). An
-        unblock of a prefix that is not blocked is logged only."""
+        unblock of a prefix that is not blocked is logged only. A block already over when
+        it arrives ends the prefix's block if there is one (block_removed), as `restore`
+        would read it, and is rejected otherwise."""
         now = time.time() if now is None else now
         cmd = None
         try:
@@ -215,7 +217,10 @@ class Enforcer:
                 return self._unblock(net, cmd, "block_removed", cmd.get("reason") or "unblocked")
             expires = self._expiry_of(cmd, net, issued, now, self.blocks, self._count)
             if expires is None:
-                raise Rejected(f"already over when it arrived (issued {stamp}, ttl {cmd['ttl_s']}s)", cmd)
+                over = f"already over when it arrived (issued {stamp}, ttl {cmd['ttl_s']}s)"
+                if net in self.blocks:  # it replaces the block in place, as a restore would read it
+                    return self._unblock(net, cmd, "block_removed", f"replaced by a block {over}")
+                raise Rejected(over, cmd)
             self._install(net, cmd, expires)
         except Rejected as r:
             self._reject(r.cmd if r.cmd is not None else cmd, r.reason)

@@ -8,7 +8,8 @@ producer's network namespace, and the Kafka brokers' resolved addresses.
 - IPv6 addresses: /proc/net/if_inet6 (with their interface).
 - Default gateways: /proc/net/route and /proc/net/ipv6_route (the main table; gateways of
   other policy-routing tables are not seen).
-Missing IPv6 files mean IPv6 is off; the IPv4 files must be readable.
+Missing IPv6 files mean IPv6 is off; the IPv4 files must be readable. A line that does not
+parse is skipped.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def parse_fib_trie(text: str) -> set[Network]:
         elif s.startswith("/") and addr is not None:
             parts = s.split()
             if len(parts) >= 3 and parts[2] == "LOCAL":
-                out.add(ipaddress.ip_network(f"{addr}{parts[0]}", strict=False))
+                try:
+                    out.add(ipaddress.ip_network(f"{addr}{parts[0]}", strict=False))
+                except ValueError:
+                    continue
         else:
             addr = None
     return out
@@ -76,9 +80,10 @@ def parse_route(text: str) -> tuple[list[tuple[ipaddress.IPv4Network, str]], lis
     links, gateways = [], []
     for line in text.splitlines()[1:]:
         f = line.split()
-        if len(f) < 8:
+        try:
+            iface, dest, gw, flags, mask = f[0], _hex4(f[1]), _hex4(f[2]), int(f[3], 16), _hex4(f[7])
+        except (IndexError, ValueError, struct.error):
             continue
-        iface, dest, gw, flags, mask = f[0], _hex4(f[1]), _hex4(f[2]), int(f[3], 16), _hex4(f[7])
         if flags & RTF_GATEWAY:
             if int(dest) == 0 and int(mask) == 0 and int(gw):
                 gateways.append((gw, iface))
@@ -92,8 +97,10 @@ def parse_if_inet6(text: str) -> list[tuple[ipaddress.IPv6Address, str]]:
     out = []
     for line in text.splitlines():
         f = line.split()
-        if len(f) >= 6 and len(f[0]) == 32:
+        try:
             out.append((ipaddress.IPv6Address(bytes.fromhex(f[0])), f[5]))
+        except (IndexError, ValueError):
+            continue
     return out
 
 
@@ -103,10 +110,11 @@ def parse_ipv6_route(text: str) -> list[tuple[ipaddress.IPv6Address, str]]:
     out = []
     for line in text.splitlines():
         f = line.split()
-        if len(f) < 10:
+        try:
+            if int(f[1], 16) == 0 and int(f[8], 16) & RTF_GATEWAY and int(f[4], 16):
+                out.append((ipaddress.IPv6Address(bytes.fromhex(f[4])), f[9]))
+        except (IndexError, ValueError):
             continue
-        if int(f[1], 16) == 0 and int(f[8], 16) & RTF_GATEWAY and int(f[4], 16):
-            out.append((ipaddress.IPv6Address(bytes.fromhex(f[4])), f[9]))
     return out
 
 

@@ -219,3 +219,19 @@ def test_restore_streams_any_history_and_never_raises():
     assert [e["event"]["action"] for e in events] == ["block_applied"] * 100
     print(f"restore of {stats.commands} commands: peak {peak / 1e6:.2f} MB traced")
     assert peak < 2 * 1024 * 1024, peak  # bounded by the capacity, not by the 30,010 commands (~6 MB)
+
+
+def test_a_block_over_when_it_arrives_ends_the_block_in_place_as_a_restore_would():
+    """Live and restore read the history alike: the last valid command of a prefix counts,
+    so a block already over ends the one in place (and is a rejection when there is none)."""
+    prog, enf, events = make()
+    enf.handle(cmd("block", "203.0.113.7", ttl_s=WEEK), now=T0)
+    enf.handle(cmd("block", "203.0.113.7", ttl_s=60, cid="shorter"), now=T0 + 120)
+    enf.handle(cmd("block", "203.0.113.8", ttl_s=60), now=T0 + 120)
+    assert decisions(events)[1:] == [("block_removed", None),
+                                     ("command_rejected", f"already over when it arrived (issued {AT0}, ttl 60s)")]
+    assert events[1]["xdpwatch"]["enforcement"]["command_id"] == "shorter"
+    assert prog.blocked() == set()
+    _, again, _ = make()
+    again.restore([cmd("block", "203.0.113.7", ttl_s=WEEK), cmd("block", "203.0.113.7", ttl_s=60)], now=T0 + 120)
+    assert again.blocks == {}

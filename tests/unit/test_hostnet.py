@@ -129,3 +129,10 @@ def test_brokers_resolve_and_an_unknown_name_is_left_out(caplog):
     assert got == [Protected(net("127.0.0.1/32"), "the Kafka broker 127.0.0.1:9092"),
                    Protected(net("::1/128"), "the Kafka broker [::1]:9093")]
     assert "no-such-host.invalid:9092" in caplog.text and "'x:y'" in caplog.text
+
+
+def test_lines_that_do_not_parse_are_skipped():
+    assert parse_if_inet6("garbage\nzz 01\n" + IF_INET6) == parse_if_inet6(IF_INET6)
+    assert parse_route(ROUTE + "eth9\tzz\t0\n\n") == parse_route(ROUTE)
+    assert parse_ipv6_route("x y\n" + IPV6_ROUTE) == parse_ipv6_route(IPV6_ROUTE)
+    assert parse_fib_trie("  |-- 1.2.3.4\n     /99 host LOCAL\n" + FIB_TRIE) == parse_fib_trie(FIB_TRIE)
