@@ -2,7 +2,7 @@
 baseline it is divided by. Prints a table, writes bench/results/latest.json (and a
 timestamped copy) and bench/results/scaling.png. Never asserts on speed.
 
-    sudo .venv/bin/python bench/run.py            # full run (~8 minutes, 5 of them the RSS run)
+    sudo .venv/bin/python bench/run.py            # full run (~9 minutes, 5 of them the RSS run)
     sudo .venv/bin/python bench/run.py --quick    # smoke run (seconds): every figure, small counts
 """
 
@@ -662,6 +662,80 @@ def plot(scale: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+# ----------------------------------------------------------------------------- 7. restore
+def control_history(n: int):
+    """`n` commands an attacker could have written: blocks of distinct addresses (far more
+    than the blocklist holds) with an unblock of the previous one every 4th command."""
+    at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    for i in range(n):
+        action, addr = ("unblock", 0x64400000 + i - 1) if i % 4 == 3 else ("block", 0x64400000 + i)  # 100.64/10
+        c = {"id": f"r-{i}", "action": action, "prefix": socket.inet_ntoa(struct.pack("!I", addr)),
+             "issued_by": "operator:bench"}
+        if action == "block":
+            c["ttl_s"] = 3600
+        yield c["prefix"].encode(), orjson.dumps({"@timestamp": at, "command": c})
+
+
+def restore_at_start(broker: Broker, quick: bool) -> dict:
+    """What a producer does at start with a long control topic: read it through the real
+    ControlReader and restore it into the real program's maps (in a child process, so that
+    its peak RSS is its own)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    n = 20_000 if quick else 1_000_000
+    topic = f"bench-restore-{n}.control"
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})  # kept: its futures need it alive
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(15)
+    p = Producer({"bootstrap.servers": broker.bootstrap, **KAFKA_DEFAULTS, "linger.ms": 50})
+    for key, value in control_history(n):
+        while True:
+            try:
+                p.produce(topic, value, key)
+                break
+            except BufferError:
+                p.poll(0.05)
+    if p.flush(120):
+        raise RuntimeError("bench: the control history was not all acknowledged")
+    r = subprocess.run([sys.executable, __file__, "--restore-child", broker.bootstrap, topic],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        raise RuntimeError(f"bench: restore child failed: {r.stderr[-2000:]}")
+    return {"commands": n, **orjson.loads(r.stdout)}
+
+
+def restore_child(bootstrap: str, topic: str) -> dict:
+    import logging
+    import resource
+
+    from xdpwatch.producer.enforcement import Enforcer, Policy
+    from xdpwatch.producer.events import EventShaper
+    from xdpwatch.producer.exporter import ControlReader
+    from xdpwatch.producer.hostnet import host_protected
+
+    logging.disable(logging.ERROR)  # one "blocking ..." line per restored block otherwise
+    prog = XdpProgram(BpfConfig(enforce_mode="enforce"))
+    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # bcc and LLVM, before any command
+    reader = ControlReader(bootstrap, topic)
+    t0 = time.perf_counter()
+    read = sum(1 for _ in reader.catch_up())
+    read_s = time.perf_counter() - t0
+    reader.close()
+    published = []
+    enf = Enforcer(prog, "enforce", Policy(), lambda doc: published.append(len(doc)), EventShaper("bench0"))
+    enf.protect(host_protected())
+    reader = ControlReader(bootstrap, topic)
+    t0 = time.perf_counter()
+    stats = enf.restore(reader.catch_up())
+    restore_s = time.perf_counter() - t0
+    reader.close()
+    prog.close()
+    return {"read_only_s": round(read_s, 2), "read_per_s": round(read / read_s), "restore_s": round(restore_s, 2),
+            "restore_per_s": round(stats.commands / restore_s), "blocks_applied": stats.applied,
+            "refused": stats.refused, "rss_mb_program_loaded": round(loaded_mb),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
 # ----------------------------------------------------------------------------- report
 def machine() -> dict:
     import confluent_kafka
@@ -710,6 +784,12 @@ def table(r: dict) -> str:
     rows += [(f"   {p['flows_in_table']:,}", f"{p['events_per_s']:,}",
               f"{p['ns_existing_flow_packet']} ns, {p['ns_new_flow']} ns; {p['read_table_ms']} ms")
              for p in r["scaling"]["points"]]
+    rs = r["restore"]
+    rows += [("7. Restore of the control topic at start", "seconds", ""),
+             (f"   {rs['commands']:,} commands, read and restored", f"{rs['restore_s']}",
+              f"{rs['restore_per_s']:,}/s; {rs['blocks_applied']:,} blocks applied; RSS {rs['rss_mb_program_loaded']} MB "
+              f"with the program loaded, peak {rs['peak_rss_mb']} MB"),
+             ("   reading the topic alone (a separate pass)", f"{rs['read_only_s']}", f"{rs['read_per_s']:,}/s")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -719,7 +799,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: small counts, every figure")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    ap.add_argument("--restore-child", nargs=2, metavar=("BOOTSTRAP", "TOPIC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.restore_child:
+        print(orjson.dumps(restore_child(*args.restore_child)).decode())
+        return 0
     if os.geteuid() != 0:
         print("bench: needs root (loads XDP programs, creates namespaces)", file=sys.stderr)
         return 1
@@ -733,7 +817,8 @@ def main() -> int:
                          ("archive_replay", lambda: archive_and_replay(broker, result["events_to_kafka"]["xdpwatch"]["delivered"])),
                          ("counters", lambda: counters_and_cpu(broker, args.quick)),
                          ("scaling", lambda: scaling(broker, args.quick)),
-                         ("memory", lambda: memory(broker, args.quick))):
+                         ("memory", lambda: memory(broker, args.quick)),
+                         ("restore", lambda: restore_at_start(broker, args.quick))):
             t0 = time.monotonic()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             result[name] = fn()

@@ -17,9 +17,11 @@ import orjson
 
 from .. import schemas
 from .enforcement import Enforcer, Policy
+from .errors import ConfigError
 from .events import Clock, CounterDeltas, EventShaper
 from .exporter import ControlReader, DeliveryStats, Exporter
 from .flows import FlowReport, FlowTimeouts, FlowTracker
+from .hostnet import Protected, broker_protected, host_protected
 from .loader import BpfConfig, XdpProgram
 from .metrics import ProducerMetrics, Snapshot
 from .records import CounterId
@@ -38,6 +40,7 @@ class ProduceConfig:
     flush_timeout_s: float = 30.0
     policy: Policy = field(default_factory=Policy)  # used when bpf.enforce_mode is not "off"
     egress: bool = True  # also hook egress: SSH flows count both directions
+    kafka_brokers: tuple[str, ...] = ()  # bootstrap servers: never blocked (with the host's own addresses)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class _Run:
                                      lambda doc: self._export("enforcement", doc), self.shaper)
         self.summary = RunSummary()
         self._evicted_reported = 0
+        self._brokers: list[Protected] = []
 
     def _export_flow(self, report: FlowReport) -> None:
         self._export("ssh-flows", self.shaper.flow(report))
@@ -118,6 +122,24 @@ class _Run:
     # them, cut that to a fraction (bench/run.py measures the loop with this setting).
     GC_THRESHOLD = (20_000, 10, 10)
 
+    # How often the never-block list (this host's addresses and gateways) is read again.
+    NEVER_BLOCK_REFRESH_S = 10.0
+
+    def _protect(self, at_start: bool = False) -> None:
+        """Give the enforcer the never-block list as it is now: the Kafka brokers (resolved
+        at start) and this host's addresses and default gateways (read each time). Without
+        the host's addresses at start, enforcement does not start; later, the last list read
+        stays in force."""
+        try:
+            host = host_protected()
+        except OSError as e:
+            if at_start:
+                raise ConfigError(f"cannot read this host's addresses from /proc/net ({e}): enforcement needs them "
+                                  "so as never to block the host itself") from None
+            log.error("never-block list not refreshed: cannot read /proc/net (%s); the last one stays in force", e)
+            return
+        self.enforcer.protect([*self._brokers, *host])
+
     def start(self) -> None:
         """Take the counters' starting point and the schedule; call before step()."""
         gc.freeze()
@@ -128,6 +150,7 @@ class _Run:
         self.interval_start = self.clock.monotonic_ns()
         self._next_interval = self.interval_start + self._interval_ns
         self._next_sweep = self.interval_start + self._sweep_ns
+        self._next_protect = self.interval_start + int(self.NEVER_BLOCK_REFRESH_S * 1e9)
 
     def step(self) -> None:
         """One turn: wait for ring-buffer records (until the next deadline, at most 100 ms),
@@ -142,6 +165,9 @@ class _Run:
                 for raw in self.control.poll():
                     self.enforcer.handle(raw)
             self.enforcer.expire()
+            if clock.monotonic_ns() >= self._next_protect:
+                self._protect()
+                self._next_protect = clock.monotonic_ns() + int(self.NEVER_BLOCK_REFRESH_S * 1e9)
         now = clock.monotonic_ns()
         if now >= self._next_sweep:
             self.tracker.sweep(now)
@@ -155,6 +181,10 @@ class _Run:
 
     def loop(self, stop: threading.Event) -> RunSummary:
         cfg, clock = self.cfg, self.clock
+        if self.enforcer is not None:
+            servers = (*cfg.kafka_brokers, *(self.control.brokers if self.control is not None else ()))
+            self._brokers = broker_protected(servers)
+            self._protect(at_start=True)
         if self.enforcer is not None and self.control is not None:
             # Every command so far, before the first packet: blocks still within their TTL
             # are in place from the start.

@@ -201,6 +201,7 @@ def produce(
         timeouts=FlowTimeouts(idle_ns=int(flow_idle_timeout * 1e9), active_ns=int(flow_active_timeout * 1e9),
                               fin_linger_ns=int(flow_fin_linger * 1e9)),
         sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout, policy=policy, egress=egress,
+        kafka_brokers=tuple(bootstrap_servers.split(",")) if bootstrap_servers else (),
     )
     from .producer.loader import ifindex_of
     ifindex_of(iface)  # fail on a bad interface before touching Kafka

@@ -170,10 +170,11 @@ def test_enforcer_applies_rejects_and_expires(progs):
                 cmd("block", "192.0.2.8", ttl_s=30 * 86400), cmd("block", "not-an-ip"), b"{nope",
                 cmd("block", "192.0.2.9", ttl_s=None)):
         enf.handle(bad, now=T0 + 1)
-    enf.handle(cmd("block", "192.0.2.10", ttl_s=5), now=T0 + 10)  # already over: skipped, no event
+    enf.handle(cmd("block", "192.0.2.10", ttl_s=5), now=T0 + 10)  # already over when it arrived
     actions = [e["event"]["action"] for e in events]
-    assert actions == ["block_applied"] * 2 + ["command_rejected"] * 7
+    assert actions == ["block_applied"] * 2 + ["command_rejected"] * 8
     reasons = [e["xdpwatch"]["enforcement"]["rejection"] for e in events[2:]]
+    assert "already over when it arrived" in reasons.pop()
     assert "wider than the policy allows" in reasons[0]
     assert "overlaps the allowlist entry 10.0.0.0/8" in reasons[1]
     assert "overlaps the allowlist entry 127.0.0.0/8" in reasons[2]
@@ -196,3 +197,32 @@ def test_enforcer_applies_rejects_and_expires(progs):
 
     assert all(schemas.errors("enforcement", e) == [] for e in events)
     assert enf.blocks == {}
+
+
+def test_a_full_blocklist_rejects_the_next_block_and_leaves_the_map_as_it_was(progs):
+    """The real LPM trie filled to its compiled size (BLOCKLIST_SIZE): the next block is a
+    rejection before any write, the kernel's map keeps exactly what it had, and the
+    Enforcer goes on (an unblock makes room)."""
+    prog = progs("enforce")
+    clear(prog)
+    table = prog.bpf[b"block_v4"]
+    events = []
+    enf = Enforcer(prog, "enforce", Policy(), events.append, EventShaper("test0"))
+    size = enf.capacity[4]
+    assert size == table.max_entries == 16384  # bpf/config.h
+    addrs = [str(ipaddress.ip_address(0xC6130000 + i)) for i in range(size + 1)]  # 198.19.0.0/16
+    for a in addrs:
+        enf.handle(cmd("block", a), now=T0 + 1)
+    assert [e["event"]["action"] for e in events] == ["block_applied"] * size + ["command_rejected"]
+    assert events[-1]["xdpwatch"]["enforcement"]["rejection"] == "blocklist full: 16384 entries (IPv4)"
+    before = {(k.prefixlen, bytes(k.addr)) for k in table.keys()}
+    assert len(before) == size and (32, ipaddress.ip_address(addrs[-1]).packed) not in before
+    with pytest.raises(Exception, match="Could not update table"):  # the kernel's own limit is the same
+        put(prog, "block_v4", addrs[-1])
+    assert prog.test_run(udp4(addrs[-1]))[0] == XDP_PASS
+    assert prog.test_run(udp4(addrs[0]))[0] == XDP_DROP and prog.test_run(udp4(addrs[-2]))[0] == XDP_DROP
+    enf.handle(cmd("unblock", addrs[0]), now=T0 + 2)
+    enf.handle(cmd("block", addrs[-1]), now=T0 + 2)
+    assert [e["event"]["action"] for e in events[-2:]] == ["block_removed", "block_applied"]
+    assert prog.test_run(udp4(addrs[-1]))[0] == XDP_DROP and prog.test_run(udp4(addrs[0]))[0] == XDP_PASS
+    clear(prog)
