@@ -2,7 +2,7 @@
 baseline it is divided by. Prints a table, writes bench/results/latest.json (and a
 timestamped copy) and bench/results/scaling.png. Never asserts on speed.
 
-    sudo .venv/bin/python bench/run.py            # full run (~9 minutes, 5 of them the RSS run)
+    sudo .venv/bin/python bench/run.py            # full run (~10 minutes, 5 of them the RSS run)
     sudo .venv/bin/python bench/run.py --quick    # smoke run (seconds): every figure, small counts
 """
 
@@ -619,6 +619,101 @@ def map_memlock(fd: int) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- 7. alert consumer state
+def handshake_flows(n: int) -> tuple[list[tuple[bytes, bytes, bytes]], list[bytes]]:
+    """Templates of one connection's flow_start and flow_established, serialized once and cut
+    around the event id and the source IP, and the n distinct source IPs to put in them."""
+    from xdpwatch.producer.events import EventShaper
+    from xdpwatch.producer.flows import FlowReport
+    from xdpwatch.producer.records import FlowKey, FlowValue
+
+    k = FlowKey(family=4, proto=6, client_port=40000, server_port=22)
+    k.client_addr[:4], k.server_addr[:4] = [10, 0, 0, 1], list(SERVER_IP)
+    start = EventShaper("bench", hostname="bench").flow(
+        FlowReport("flow_start", None, k, FlowValue(first_ns=1, last_ns=1, packets=1, bytes=74, tcp_flags=SYN, directions=1)))
+    est = {**start, "event": {**start["event"], "action": "flow_established", "type": ["connection", "info"]},
+           "tcp": {**start["tcp"], "handshake": "complete"}}
+    parts = []
+    for doc in (start, est):
+        raw = orjson.dumps({**doc, "event": {**doc["event"], "id": "@ID@"}, "source": {**doc["source"], "ip": "@IP@"}})
+        head, rest = raw.split(b"@ID@")
+        parts.append((head, *rest.split(b"@IP@")))
+    return parts, [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}".encode() for i in range(1, n + 1)]
+
+
+def alert_sources(broker: Broker, quick: bool, n: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """`xdpwatch alert` (a subprocess, default rules and limits) on n sources that each complete
+    one SSH connection (flow_start + flow_established) at one instant: every source in every
+    rule's window at once, n/100,000 times the default cap on tracked sources. The events wait
+    in Kafka before it starts; events/s from its first to its last message handled (metrics,
+    every 0.2 s), RSS from /proc before its first message and at its highest."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from xdpwatch.lab import free_port, scrape
+
+    n = n or (20_000 if quick else 1_000_000)
+    topic = "bench-alert.ssh-flows"
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic(topic, 3, 1)])[topic].result(15)
+    parts, ips = handshake_flows(n)
+    # Uncompressed: these differ only in IP and id and compress 140x (real flow events: 12x),
+    # and librdkafka's prefetch limit counts compressed bytes (README: Raise alerts).
+    p = Producer({"bootstrap.servers": broker.bootstrap, **KAFKA_DEFAULTS, "compression.type": "none"})
+    for i, ip in enumerate(ips):
+        for head, middle, tail in parts:
+            while True:
+                try:
+                    p.produce(topic, b"".join((head, b"b%d" % i, middle, ip, tail)), ip)
+                    break
+                except BufferError:
+                    p.poll(0.01)
+        p.poll(0)
+    if p.flush(120):
+        raise RuntimeError("the broker did not take the alert benchmark's events")
+    port = free_port()
+    handled = 'xdpwatch_consumer_messages_total{command="alert",outcome="handled"}'
+    with tempfile.TemporaryDirectory(prefix="xw-bench-alert-") as d:
+        proc = subprocess.Popen([XDPWATCH, "alert", "--bootstrap-servers", broker.bootstrap, "--topic-prefix",
+                                 "bench-alert", "--from-beginning", "--group-id", "bench-alert", "--output",
+                                 f"{d}/alerts.jsonl", "--dead-letter", f"{d}/dead.jsonl", "--metrics-port", str(port),
+                                 "-X", "session.timeout.ms=6000", *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            m = wait_for(lambda: scrape(port) or proc.poll() is not None, 60, "the alert consumer's metrics")
+            rss_start = proc_rss_mb(proc.pid)  # joining the group takes seconds: nothing handled yet
+            if m is True or m.get(handled, 0):
+                raise RuntimeError("the alert consumer exited or had started consuming before its first RSS sample")
+            samples = []  # (monotonic time, handled, RSS MB)
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline and proc.poll() is None:
+                m = scrape(port)
+                samples.append((time.monotonic(), m.get(handled, 0), proc_rss_mb(proc.pid)))
+                if samples[-1][1] >= 2 * n:
+                    break
+                time.sleep(0.2)
+            evicted = m.get('xdpwatch_alert_sources_evicted_total{command="alert"}')
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=120)
+    if not samples or samples[-1][1] < 2 * n:
+        raise RuntimeError(f"the alert consumer handled {samples[-1][1] if samples else 0:.0f} of {2 * n} "
+                           f"events:\n{err[-2000:]}")
+    first = next(s for s in samples if s[1] > 0)
+    last = samples[-1]
+    return {"sources": n, "events": 2 * n,
+            "events_per_s": round((last[1] - first[1]) / max(last[0] - first[0], 0.2)),
+            "rss_mb_start": round(rss_start, 1), "rss_mb_max": round(max(s[2] for s in samples), 1),
+            "rss_mb_end": round(last[2], 1), "sources_evicted": evicted}
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 # ----------------------------------------------------------------------------- 6. scaling
 def scaling(broker: Broker, quick: bool) -> dict:
     fills = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
@@ -790,6 +885,11 @@ def table(r: dict) -> str:
               f"{rs['restore_per_s']:,}/s; {rs['blocks_applied']:,} blocks applied; RSS {rs['rss_mb_program_loaded']} MB "
               f"with the program loaded, peak {rs['peak_rss_mb']} MB"),
              ("   reading the topic alone (a separate pass)", f"{rs['read_only_s']}", f"{rs['read_per_s']:,}/s")]
+    al = r["alert_state"]
+    rows += [(f"8. Alert consumer, {al['sources']:,} sources in one window", "events/s", "RSS"),
+             ("   flow_start + flow_established per source", f"{al['events_per_s']:,}",
+              f"{al['rss_mb_start']} → {al['rss_mb_max']} MB (max); {al['sources_evicted']:,.0f} sources evicted "
+              "at the 100,000 cap")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -818,7 +918,8 @@ def main() -> int:
                          ("counters", lambda: counters_and_cpu(broker, args.quick)),
                          ("scaling", lambda: scaling(broker, args.quick)),
                          ("memory", lambda: memory(broker, args.quick)),
-                         ("restore", lambda: restore_at_start(broker, args.quick))):
+                         ("restore", lambda: restore_at_start(broker, args.quick)),
+                         ("alert_state", lambda: alert_sources(broker, args.quick))):
             t0 = time.monotonic()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             result[name] = fn()

@@ -3,15 +3,25 @@
 Rules are pure and run on event time (the events' own timestamps), never the wall clock,
 so replaying archived events raises the same alerts, with the same ids, as live traffic did.
 Settings come from a TOML rules file (see DEFAULT_RULES and the README); every key is optional.
+
+Every message is an adversary's: the rules that can lead to a block (ssh_bruteforce, ssh_scan,
+ssh_auth_failures) count only connections whose client completed the TCP handshake, which a
+spoofed source cannot do; ssh_syn_flood counts raw SYNs and says its source is unverified. The
+state is bounded by design: windows keep (time, event id, destination) per event and no more
+events than their rule needs; the sources tracked, the cooldowns and the traffic baselines are
+capped (`[limits]`), and what a cap drops is counted (`Detector.evicted`).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import math
+import sys
 import tomllib
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -21,23 +31,31 @@ from .errors import ConsumerError
 
 DEFAULT_RULES = """\
 # xdpwatch alert rules. Durations in seconds. Remove a section or set enabled = false to turn a rule off.
+# ssh_bruteforce, ssh_scan and ssh_auth_failures count only connections whose client completed
+# the TCP handshake (flow_established, tcp.handshake = complete): a spoofed source never does.
 
 [ssh_bruteforce]          # many new SSH connections from one source
 enabled = true
-threshold = 10            # flow_start events from one source IP ...
+threshold = 10            # flow_established events (completed handshakes) from one source IP ...
 window = 60               # ... within this many seconds
 cooldown = 300            # then at most one alert per source per cooldown
 
 [ssh_auth_failures]       # many failed logins from one source, as guessed per flow (ssh.auth)
 enabled = true
-threshold = 5             # refused authentication attempts (ssh.auth.failures on flow_end) ...
+threshold = 5             # refused authentication attempts (ssh.auth.failures on flow_end, handshake complete) ...
 window = 60               # ... within this many seconds
 cooldown = 300
 
 [ssh_scan]                # one source reaching many SSH servers
 enabled = true
-threshold = 5             # distinct destination IPs on SSH ports ...
+threshold = 5             # distinct destination IPs of flow_established events ...
 window = 60
+cooldown = 300
+
+[ssh_syn_flood]           # many SSH connection attempts claiming one source: unverified, may be spoofed
+enabled = true
+threshold = 20            # flow_start events (raw SYNs; not those first seen from the server side) ...
+window = 10               # ... within this many seconds
 cooldown = 300
 
 [traffic_spike]           # packets per second far above the moving baseline
@@ -51,6 +69,10 @@ cooldown = 60
 [kernel_drops]            # the kernel lost flow events (ring buffer full)
 enabled = true
 cooldown = 60
+
+[limits]                  # memory bounds: an attack must not grow the consumer's state
+max_sources = 100000      # sources tracked by the window rules; beyond, the least recently active is dropped
+max_observers = 10000     # traffic baselines (hostname/interface); beyond, the least recently reporting is dropped
 """
 
 
@@ -81,12 +103,22 @@ class DropsConfig:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Caps on the detector's state. Live cooldowns are capped at `max_sources` as well."""
+
+    max_sources: int = 100_000
+    max_observers: int = 10_000
+
+
+@dataclass(frozen=True)
 class Rules:
     ssh_bruteforce: WindowRule = WindowRule(threshold=10)
     ssh_auth_failures: WindowRule = WindowRule(threshold=5)
     ssh_scan: WindowRule = WindowRule(threshold=5)
+    ssh_syn_flood: WindowRule = WindowRule(threshold=20, window=10.0)
     traffic_spike: SpikeConfig = SpikeConfig()
     kernel_drops: DropsConfig = DropsConfig()
+    limits: Limits = Limits()
 
 
 def load_rules(text: str, origin: str = "rules file") -> Rules:
@@ -98,13 +130,17 @@ def load_rules(text: str, origin: str = "rules file") -> Rules:
     out = {}
     for f in fields(Rules):
         section = data.pop(f.name, {})
+        if not isinstance(section, dict):
+            raise ConsumerError(f"{origin}: {f.name} must be a section ([{f.name}])")
         known = {x.name: x.type for x in fields(f.default)}
         for k, v in section.items():
             if k not in known:
                 raise ConsumerError(f"{origin}: [{f.name}] has no setting {k!r} (known: {', '.join(known)})")
             want = {"bool": bool, "int": int, "float": (int, float)}[known[k]]
-            if not isinstance(v, want) or (known[k] != "bool" and (isinstance(v, bool) or v < 0)):
+            if not isinstance(v, want) or (known[k] != "bool" and (isinstance(v, bool) or not v >= 0)):  # NaN too
                 raise ConsumerError(f"{origin}: [{f.name}] {k} must be a non-negative {known[k]}, got {v!r}")
+            if f.name == "limits" and v < 1:
+                raise ConsumerError(f"{origin}: [limits] {k} must be at least 1, got {v!r}")
         out[f.name] = dataclasses.replace(f.default, **section)
     if data:
         raise ConsumerError(f"{origin}: unknown section(s) {', '.join(data)} (known: {', '.join(x.name for x in fields(Rules))})")
@@ -126,30 +162,37 @@ TECHNIQUES = {
     "ssh_bruteforce": {"id": "T1110", "name": "Brute Force"},
     "ssh_auth_failures": {"id": "T1110", "name": "Brute Force"},
     "ssh_scan": {"id": "T1046", "name": "Network Service Discovery"},
+    "ssh_syn_flood": {"id": "T1499.001", "name": "Endpoint Denial of Service: OS Exhaustion Flood"},
 }
 DESCRIPTIONS = {
-    "ssh_bruteforce": "Many new SSH connections from one source in a short window",
-    "ssh_auth_failures": "Many refused SSH logins from one source in a short window (guessed from packet sizes)",
-    "ssh_scan": "One source reaching many SSH servers in a short window",
+    "ssh_bruteforce": "Many SSH connections with a completed TCP handshake from one source in a short window",
+    "ssh_auth_failures": "Many refused SSH logins from one source in a short window (guessed from packet sizes, "
+                         "handshake-verified connections only)",
+    "ssh_scan": "One source completing SSH handshakes with many servers in a short window",
+    "ssh_syn_flood": "Many SSH connection attempts (SYNs) claiming one source in a short window; the source is "
+                     "unverified and may be spoofed, so this rule never blocks",
     "traffic_spike": "Packet rate far above the interface's moving baseline",
     "kernel_drops": "The kernel lost flow events: the ring buffer was full",
 }
-SEVERITY = {"ssh_bruteforce": 70, "ssh_auth_failures": 75, "ssh_scan": 60, "traffic_spike": 50, "kernel_drops": 40}
+SEVERITY = {"ssh_bruteforce": 70, "ssh_auth_failures": 75, "ssh_scan": 60, "ssh_syn_flood": 50,
+            "traffic_spike": 50, "kernel_drops": 40}
 
 
-def make_alert(rule: str, subject: str, message: str, first: dict, last: dict, count: float,
-               window: float, source_ip: str | None = None, **extra) -> dict:
+def make_alert(rule: str, subject: str, message: str, first: tuple, last: tuple, count: float, window: float,
+               observer: dict, source_ip: str | None = None, **extra) -> dict:
+    """An alert document. `first`, `last`: (event time, event id, ...) of the oldest and the
+    newest event of the evidence, as the detector's state holds them."""
     alert = {
-        "@timestamp": last["@timestamp"],
-        "event": {"id": alert_id(rule, subject, first["event"]["id"]), "kind": "alert", "module": "xdpwatch",
+        "@timestamp": iso(last[0]),
+        "event": {"id": alert_id(rule, subject, first[1]), "kind": "alert", "module": "xdpwatch",
                   "dataset": "xdpwatch.alerts", "severity": SEVERITY[rule],
                   "category": ["intrusion_detection", "network"]},
         "rule": {"name": rule, "description": DESCRIPTIONS[rule]},
         "message": message,
-        "observer": last.get("observer", {}),
-        "xdpwatch": {"evidence": {"count": count, "window_s": window, "first_seen": first["@timestamp"],
-                                  "last_seen": last["@timestamp"], "first_event_id": first["event"]["id"],
-                                  "last_event_id": last["event"]["id"], **extra}},
+        "observer": observer,
+        "xdpwatch": {"evidence": {"count": count, "window_s": window, "first_seen": iso(first[0]),
+                                  "last_seen": iso(last[0]), "first_event_id": first[1],
+                                  "last_event_id": last[1], **extra}},
     }
     if source_ip is not None:
         alert["source"] = {"ip": source_ip}
@@ -158,117 +201,235 @@ def make_alert(rule: str, subject: str, message: str, first: dict, last: dict, c
     return alert
 
 
-class _PerSourceWindow:
-    """Event-time sliding windows of flow_start events per source, with a cooldown."""
+# Windows: lists of entries (event time, event id, value) sorted by time, oldest first, holding
+# no more than "at least `threshold` within `window`" needs. Late events are placed by time.
+def _insert(q: list, entry: tuple) -> None:
+    if q and entry[0] < q[-1][0]:
+        bisect.insort(q, entry)
+    else:
+        q.append(entry)
 
-    def __init__(self, window: float, cooldown: float):
-        self.window, self.cooldown = window, cooldown
-        self.events: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-        self.quiet_until: dict[str, float] = {}
-        self._seen = 0
 
-    def add(self, src: str, t: float, doc: dict) -> collections.deque:
-        q = self.events[src]
-        q.append((t, doc))
-        while q and q[0][0] <= t - self.window:
-            q.popleft()
-        self._seen += 1
-        if self._seen % 10_000 == 0:  # forget sources silent for a whole window
-            for s in [s for s, d in self.events.items() if not d or d[-1][0] <= t - self.window]:
-                del self.events[s]
-        return q
+def _expire(q: list, window: float) -> None:
+    """Drop entries `window` seconds or more older than the newest (which always stays)."""
+    horizon = q[-1][0] - window
+    n, last = 0, len(q) - 1
+    while n < last and q[n][0] <= horizon:
+        n += 1
+    if n:
+        del q[:n]
 
-    def may_alert(self, src: str, t: float) -> bool:
-        if t < self.quiet_until.get(src, -math.inf):
-            return False
-        self.quiet_until[src] = t + self.cooldown
-        return True
+
+def _count(q: list, entry: tuple, window: float, cap: int) -> None:
+    """Events counted: the newest `cap` (= threshold) within the window are all the rule needs."""
+    _insert(q, entry)
+    _expire(q, window)
+    if len(q) > cap:
+        del q[:len(q) - cap]
+
+
+def _distinct(q: list, entry: tuple, window: float, cap: int) -> None:
+    """Distinct values (destinations), each with its newest event: the newest `cap` of them."""
+    for i, old in enumerate(q):
+        if old[2] == entry[2]:
+            if old[0] > entry[0]:
+                return  # a late event of a destination seen since
+            del q[i]
+            break
+    _count(q, entry, window, cap)
+
+
+def _summed(q: list, entry: tuple, window: float, threshold: int) -> int:
+    """Amounts (refused logins) summed: the oldest entry goes once the newer ones alone reach
+    the threshold. Returns the sum of what is kept."""
+    _insert(q, entry)
+    _expire(q, window)
+    total = sum(e[2] for e in q)
+    while len(q) > 1 and total - q[0][2] >= threshold:
+        total -= q.pop(0)[2]
+    return total
+
+
+class _Source:
+    """What the window rules keep about one source IP."""
+
+    __slots__ = ("last", "brute", "scan", "fails", "syn")
+
+    def __init__(self) -> None:
+        self.last = -math.inf  # newest event time seen
+        self.brute: list = []  # (time, event id, destination) of flow_established
+        self.scan: list = []   # the same, one per destination
+        self.fails: list = []  # (time, event id, refused logins) of flow_end
+        self.syn: list = []    # (time, event id, destination) of flow_start
+
+
+_COUNTED_HANDSHAKES = (None, "complete")  # on flow_established: absent (older producers) or complete
 
 
 class Detector:
-    """All rules; feed it events in order, it calls `emit(alert)` for each alert."""
+    """All rules; feed it events in order (`on_event`), it calls `emit(alert)` for each alert.
+
+    State, all bounded: `sources` (source IP -> _Source, least recently active first, at most
+    `limits.max_sources`), `cooldowns` ((rule, subject) -> event time until which that rule is
+    quiet for that subject; expired ones are pruned, read and set it freely), `baselines`
+    (observer -> traffic EWMA, at most `limits.max_observers`), and `evicted`: how many sources,
+    observers and live cooldowns the caps dropped.
+    """
 
     def __init__(self, rules: Rules, emit: Callable[[dict], None]):
         self.rules, self.emit = rules, emit
-        self._brute = _PerSourceWindow(rules.ssh_bruteforce.window, rules.ssh_bruteforce.cooldown)
-        self._failures = _PerSourceWindow(rules.ssh_auth_failures.window, rules.ssh_auth_failures.cooldown)
-        self._scan = _PerSourceWindow(rules.ssh_scan.window, rules.ssh_scan.cooldown)
-        self._baselines: dict[str, tuple[float, float, int]] = {}  # observer -> (mean, variance, n)
-        self._spike_quiet: dict[str, float] = {}
-        self._drops_quiet: dict[str, float] = {}
+        self.sources: collections.OrderedDict[str, _Source] = collections.OrderedDict()
+        self.cooldowns: dict[tuple[str, str], float] = {}
+        self.baselines: collections.OrderedDict[str, tuple[float, float, int]] = collections.OrderedDict()
+        self.evicted = {"sources": 0, "observers": 0, "cooldowns": 0}
+        self._idle = max(r.window for r in (rules.ssh_bruteforce, rules.ssh_scan, rules.ssh_auth_failures,
+                                            rules.ssh_syn_flood))
+        self._sweep_at = 1024  # cooldowns: prune expired ones whenever the map doubled
 
-    def on_event(self, stream: str, doc: dict) -> None:
-        if stream == "ssh-flows" and doc["event"]["action"] == "flow_start":
-            self._on_flow_start(doc)
-        elif stream == "ssh-flows" and doc["event"]["action"] == "flow_end":
-            self._on_flow_end(doc)
+    def on_event(self, stream: str, doc: dict, emit: bool = True) -> None:
+        """Feed one schema-valid event. With `emit=False` the state (windows, cooldowns) moves
+        exactly as with `emit=True` but no alert goes out: to rebuild state after a restart."""
+        if stream == "ssh-flows":
+            action, handshake = doc["event"]["action"], doc["tcp"].get("handshake")
+            if action == "flow_established" and handshake in _COUNTED_HANDSHAKES:
+                self._on_established(doc, emit)
+            elif action == "flow_start" and handshake != "none":
+                self._on_syn(doc, emit)
+            elif action == "flow_end" and handshake == "complete":
+                self._on_flow_end(doc, emit)
         elif stream == "packet-counts":
-            self._on_counts(doc)
+            self._on_counts(doc, emit)
 
-    def _on_flow_start(self, doc: dict) -> None:
-        src, t = doc["source"]["ip"], parse_time(doc["@timestamp"])
-        r = self.rules.ssh_bruteforce
-        if r.enabled:
-            q = self._brute.add(src, t, doc)
-            if len(q) >= r.threshold and self._brute.may_alert(src, t):
-                first = q[0][1]
-                dsts = sorted({d["destination"]["ip"] for _, d in q})
+    # --- state -------------------------------------------------------------------------
+    def _source(self, src: str, t: float) -> _Source:
+        """The state of `src`, now the most recently active. Sources silent for the longest
+        window are forgotten (nothing of theirs is in any window); beyond the cap, the least
+        recently active one is dropped and counted."""
+        sources = self.sources
+        s = sources.get(src)
+        if s is None:
+            s = sources[src] = _Source()
+            if len(sources) > self.rules.limits.max_sources:
+                sources.popitem(last=False)
+                self.evicted["sources"] += 1
+        else:
+            sources.move_to_end(src)
+        if t > s.last:
+            s.last = t
+        horizon = t - self._idle
+        while (oldest := next(iter(sources.values()))).last <= horizon and oldest is not s:
+            sources.popitem(last=False)
+        return s
+
+    def _may_alert(self, rule: str, subject: str, t: float, cooldown: float) -> bool:
+        """True (and the cooldown starts) unless `rule` is quiet for `subject` at event time t."""
+        key = (rule, subject)
+        until = self.cooldowns.pop(key, None)  # re-inserted at the end: insertion order ~ expiry order
+        if until is not None and t < until:
+            self.cooldowns[key] = until
+            return False
+        self.cooldowns[key] = t + cooldown
+        if len(self.cooldowns) > self._sweep_at:
+            self._prune_cooldowns(t)
+        return True
+
+    def _prune_cooldowns(self, t: float) -> None:
+        """Forget the cooldowns over at event time t; beyond the cap, drop (and count) the
+        oldest set. Runs when the map doubled since the last time: O(1) per alert."""
+        for key in [k for k, until in self.cooldowns.items() if until <= t]:
+            del self.cooldowns[key]
+        over = len(self.cooldowns) - self.rules.limits.max_sources
+        if over > 0:
+            for key in list(itertools.islice(self.cooldowns, over)):
+                del self.cooldowns[key]
+            self.evicted["cooldowns"] += over
+        self._sweep_at = 2 * len(self.cooldowns) + 1024
+
+    # --- rules -------------------------------------------------------------------------
+    def _on_established(self, doc: dict, emit: bool) -> None:
+        src, t, eid = doc["source"]["ip"], parse_time(doc["@timestamp"]), doc["event"]["id"]
+        entry = (t, eid, sys.intern(doc["destination"]["ip"]))
+        brute, scan = self.rules.ssh_bruteforce, self.rules.ssh_scan
+        if not (brute.enabled or scan.enabled):
+            return
+        s = self._source(src, t)
+        if brute.enabled:
+            q = s.brute
+            _count(q, entry, brute.window, max(brute.threshold, 1))
+            if len(q) >= brute.threshold and self._may_alert("ssh_bruteforce", src, t, brute.cooldown) and emit:
                 self.emit(make_alert("ssh_bruteforce", src,
-                                     f"{len(q)} SSH connections from {src} within {r.window:g}s",
-                                     first, doc, len(q), r.window, src, destinations=dsts))
-        r2 = self.rules.ssh_scan
-        if r2.enabled:
-            q = self._scan.add(src, t, doc)
-            dsts = sorted({d["destination"]["ip"] for _, d in q})
-            if len(dsts) >= r2.threshold and self._scan.may_alert(src, t):
-                self.emit(make_alert("ssh_scan", src, f"{src} reached {len(dsts)} SSH servers within {r2.window:g}s",
-                                     q[0][1], doc, len(dsts), r2.window, src, destinations=dsts))
+                                     f"{len(q)} SSH connections with a completed handshake from {src} "
+                                     f"within {brute.window:g}s", q[0], q[-1], len(q), brute.window,
+                                     doc["observer"], src, destinations=sorted({e[2] for e in q})))
+        if scan.enabled:
+            q = s.scan
+            _distinct(q, entry, scan.window, max(scan.threshold, 1))
+            if len(q) >= scan.threshold and self._may_alert("ssh_scan", src, t, scan.cooldown) and emit:
+                self.emit(make_alert("ssh_scan", src, f"{src} completed SSH handshakes with {len(q)} servers "
+                                     f"within {scan.window:g}s", q[0], q[-1], len(q), scan.window,
+                                     doc["observer"], src, destinations=sorted(e[2] for e in q)))
 
-    def _on_flow_end(self, doc: dict) -> None:
-        """The brute-force variant that counts refused logins (ssh.auth.failures, guessed
-        by the producer) rather than connections: it also sees many passwords tried over
-        few connections, and ignores many successful ones."""
-        r = self.rules.ssh_auth_failures
-        failures = doc.get("ssh", {}).get("auth", {}).get("failures", 0)
-        if not r.enabled or not failures:
+    def _on_syn(self, doc: dict, emit: bool) -> None:
+        r = self.rules.ssh_syn_flood
+        if not r.enabled:
             return
         src, t = doc["source"]["ip"], parse_time(doc["@timestamp"])
-        for _ in range(failures):
-            q = self._failures.add(src, t, doc)
-        if len(q) >= r.threshold and self._failures.may_alert(src, t):
-            self.emit(make_alert("ssh_auth_failures", src,
-                                 f"{len(q)} refused SSH logins from {src} within {r.window:g}s",
-                                 q[0][1], doc, len(q), r.window, src))
+        q = self._source(src, t).syn
+        _count(q, (t, doc["event"]["id"], sys.intern(doc["destination"]["ip"])), r.window, max(r.threshold, 1))
+        if len(q) >= r.threshold and self._may_alert("ssh_syn_flood", src, t, r.cooldown) and emit:
+            self.emit(make_alert("ssh_syn_flood", src,
+                                 f"{len(q)} SSH connection attempts claiming source {src} within {r.window:g}s "
+                                 "(unverified: no completed handshake is needed, the address may be spoofed)",
+                                 q[0], q[-1], len(q), r.window, doc["observer"], src,
+                                 destinations=sorted({e[2] for e in q})))
 
-    def _on_counts(self, doc: dict) -> None:
-        t = parse_time(doc["@timestamp"])
+    def _on_flow_end(self, doc: dict, emit: bool) -> None:
+        """The brute-force variant that counts refused logins (ssh.auth.failures, guessed
+        by the producer) rather than connections: it also sees many passwords tried over
+        few connections, and ignores many successful ones. Each flow's count is one addition."""
+        r = self.rules.ssh_auth_failures
+        failures = int(doc.get("ssh", {}).get("auth", {}).get("failures", 0))
+        if not r.enabled or failures <= 0:
+            return
+        src, t = doc["source"]["ip"], parse_time(doc["@timestamp"])
+        q = self._source(src, t).fails
+        total = _summed(q, (t, doc["event"]["id"], failures), r.window, r.threshold)
+        if total >= r.threshold and self._may_alert("ssh_auth_failures", src, t, r.cooldown) and emit:
+            self.emit(make_alert("ssh_auth_failures", src, f"{total} refused SSH logins from {src} within "
+                                 f"{r.window:g}s", q[0], q[-1], total, r.window, doc["observer"], src))
+
+    def _on_counts(self, doc: dict, emit: bool) -> None:
+        t, eid = parse_time(doc["@timestamp"]), doc["event"]["id"]
         obs = f"{doc['observer']['hostname']}/{doc['observer']['ingress']['interface']['name']}"
         d = self.rules.kernel_drops
         drops = doc["drops"]["ringbuf"]
-        if d.enabled and drops > 0 and t >= self._drops_quiet.get(obs, -math.inf):
-            self._drops_quiet[obs] = t + d.cooldown
+        if d.enabled and drops > 0 and self._may_alert("kernel_drops", obs, t, d.cooldown) and emit:
             self.emit(make_alert("kernel_drops", obs, f"{drops} flow events lost in the kernel on {obs} "
-                                 "(ring buffer full; raise --ringbuf-pages)", doc, doc, drops, 0))
+                                 "(ring buffer full; raise --ringbuf-pages)", (t, eid), (t, eid), drops, 0,
+                                 doc["observer"]))
         s = self.rules.traffic_spike
         secs = doc["interval"]["duration_ms"] / 1000
         if not s.enabled or secs <= 0:
             return
         rate = doc["packets"]["total"] / secs
-        mean, var, n = self._baselines.get(obs, (rate, 0.0, 0))
+        baselines = self.baselines
+        mean, var, n = baselines.pop(obs, None) or (rate, 0.0, 0)
+        baselines[obs] = (mean, var, n)  # the most recently reporting observer last
+        if len(baselines) > self.rules.limits.max_observers:
+            baselines.popitem(last=False)
+            self.evicted["observers"] += 1
         dev = math.sqrt(var)
-        spike = n >= s.warmup and rate >= s.min_rate and rate > mean + s.factor * dev
-        if spike:
-            if t >= self._spike_quiet.get(obs, -math.inf):
-                self._spike_quiet[obs] = t + s.cooldown
+        if n >= s.warmup and rate >= s.min_rate and rate > mean + s.factor * dev:
+            if self._may_alert("traffic_spike", obs, t, s.cooldown) and emit:
                 self.emit(make_alert("traffic_spike", obs,
                                      f"{rate:.0f} packets/s on {obs}, baseline {mean:.0f} ± {dev:.0f}",
-                                     doc, doc, round(rate, 3), secs, baseline_mean=round(mean, 3),
-                                     baseline_dev=round(dev, 3)))
+                                     (t, eid), (t, eid), round(rate, 3), secs, doc["observer"],
+                                     baseline_mean=round(mean, 3), baseline_dev=round(dev, 3)))
             return  # a spike does not move the baseline it is judged against
         # Exponentially weighted mean and variance (West 1979 / Finch 2009).
         diff = rate - mean
         incr = s.alpha * diff
-        self._baselines[obs] = (mean + incr, (1 - s.alpha) * (var + diff * incr), n + 1)
+        baselines[obs] = (mean + incr, (1 - s.alpha) * (var + diff * incr), n + 1)
 
 
 class AlertSink:

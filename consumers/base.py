@@ -5,7 +5,10 @@
   shutdown. A crash re-delivers what was not handled: at-least-once.
 - A message that is not JSON or breaks its topic's schema is a poison message: it goes to
   the dead-letter sink with the reason and the original bytes, its offset is stored, and
-  the loop goes on. Nothing crashes, nothing is dropped silently.
+  the loop goes on. Nothing crashes, nothing is dropped silently. So does a message whose
+  handling raised anything but a ConsumerError (reason `handler-error: Type: message`): one
+  message cannot stop a consumer. A ConsumerError is the handler's infrastructure failing
+  (an output it cannot write): it stops the loop, and nothing past it is committed.
 - SIGINT/SIGTERM set `stop`; the loop finishes the batch in hand, closes the handler,
   commits, and returns.
 - A handler that makes its own side effects durable in batches (the archiver) sets
@@ -234,6 +237,11 @@ def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: di
         "enable.auto.commit": True,
         "auto.offset.reset": "earliest" if from_beginning else "latest",
         "topic.metadata.refresh.interval.ms": 10000,  # pick up a topic created after we started
+        # Prefetch: librdkafka counts this before decompression, so it holds about this times
+        # the compression ratio (flow events: 12x with zstd), ~200 MB rather than 64 MB x 12; and
+        # a full queue is refilled after 20 ms, not 1 s (which starved a slow handler).
+        "queued.max.messages.kbytes": 16384,
+        "fetch.queue.backoff.ms": 20,
         **extra,
     }
 
@@ -291,7 +299,15 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                     continue
                 last_message = time.monotonic()
                 ev, reason = _decode(m)
-                if ev is None:
+                if ev is not None:
+                    try:
+                        handler.handle(ev)
+                        stats.handled += 1
+                    except ConsumerError:
+                        raise  # infrastructure (an output that cannot be written): stop, commit nothing past
+                    except Exception as e:  # this message broke the handler: it alone is set aside
+                        reason = _short(f"handler-error: {type(e).__name__}: {e}")
+                if reason:
                     dead_letter.put({"reason": reason, "topic": m.topic(), "partition": m.partition(),
                                      "offset": m.offset(), "key": _b64(m.key()), "value": _b64(m.value())})
                     stats.dead_lettered += 1
@@ -299,9 +315,6 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                     log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
                     if owner:
                         handler.skipped(m.topic(), m.partition(), m.offset())
-                else:
-                    handler.handle(ev)
-                    stats.handled += 1
                 if not owner:
                     consumer.store_offsets(message=m)
         handler.close()
@@ -336,6 +349,13 @@ def _b64(b: bytes | None) -> str | None:
     return None if b is None else base64.b64encode(b).decode()
 
 
+MAX_REASON_CHARS = 1000
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
+
+
 # Our documents are under 2 KB; anything near this is not ours (a poison message), and
 # nesting deeper than orjson's limit (1024) is refused by the parser as not-json.
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -355,5 +375,5 @@ def _decode(m) -> tuple[Event | None, str]:
     except (orjson.JSONDecodeError, TypeError) as e:
         return None, f"not-json: {e}"
     if not schemas.is_valid(stream, doc):
-        return None, f"schema: {'; '.join(schemas.errors(stream, doc)[:3])}"
+        return None, _short(f"schema: {'; '.join(schemas.errors(stream, doc)) or '(rejected by the compiled validator)'}")
     return Event(m.topic(), m.partition(), m.offset(), m.key(), stream, doc, value), ""

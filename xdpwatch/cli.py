@@ -309,8 +309,9 @@ def alert(
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
-    """Raise alerts from SSH flows and packet counts: SSH brute force, SSH scans,
-    traffic spikes, kernel drops. Event time, not wall-clock time: replaying archived
+    """Raise alerts from SSH flows and packet counts: SSH brute force, SSH scans and refused
+    logins (handshake-verified connections only), SYN floods (unverified sources), traffic
+    spikes, kernel drops. Event time, not wall-clock time: replaying archived
     events gives the same alerts. With --block-on, close the loop: the source of an alert
     is blocked in the kernel by producers that run with --enforce."""
     from .consumers.alert import DEFAULT_RULES, AlertHandler, AlertSink, load_rules
@@ -325,13 +326,25 @@ def alert(
     except OSError as e:
         raise ConsumerError(f"cannot read rules file {rules}: {e.strerror}") from None
     sink: AlertSink | None = None
+    handler: AlertHandler | None = None
     blocker = None
+
+    def extra_metrics() -> dict:
+        evicted = handler.detector.evicted if handler else {}
+        return {"alerts": ("Alerts raised", sink.count if sink else 0),
+                "block_commands": ("Block commands sent by --block-on", blocker.sent if blocker else 0),
+                "blocks_refused": ("Blocks --block-on did not send: its budget was spent",
+                                   blocker.refused if blocker else 0),
+                "alert_sources_evicted": ("Sources whose rule windows were dropped at [limits] max_sources, "
+                                          "least recently active first", evicted.get("sources", 0)),
+                "alert_observers_evicted": ("Traffic baselines dropped at [limits] max_observers",
+                                            evicted.get("observers", 0)),
+                "alert_cooldowns_evicted": ("Live cooldowns dropped at [limits] max_sources",
+                                            evicted.get("cooldowns", 0))}
+
     conf, producer_conf, dl, stop, stats = _consumer_setup(
         bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
-        metrics_port, "alert", lambda: {
-            "alerts": ("Alerts raised", sink.count if sink else 0),
-            "block_commands": ("Block commands sent by --block-on", blocker.sent if blocker else 0),
-            "blocks_refused": ("Blocks --block-on did not send: its budget was spent", blocker.refused if blocker else 0)})
+        metrics_port, "alert", extra_metrics)
     ttl_s = _duration(block_ttl, "--block-ttl")
     sink = AlertSink(output, producer_conf, f"{topic_prefix}.alerts")
     if block_on:
@@ -340,11 +353,15 @@ def alert(
         blocker = BlockOnAlert(CommandSender(producer_conf, schemas.topic(topic_prefix, "control")),
                                set(block_on), ttl_s, BlockBudget(block_rate, block_max_active), sink.put)
     topics = [f"{topic_prefix}.ssh-flows", f"{topic_prefix}.packet-counts"]
-    run_loop(conf, topics, AlertHandler(rules_cfg, sink, blocker), dl, stop, exit_when_idle, stats)
+    handler = AlertHandler(rules_cfg, sink, blocker)
+    run_loop(conf, topics, handler, dl, stop, exit_when_idle, stats)
+    evicted = handler.detector.evicted
     logging.getLogger("xdpwatch").info(
-        "stopped: %d events handled, %d alerts, %d dead-lettered%s", stats.handled, sink.count, stats.dead_lettered,
+        "stopped: %d events handled, %d alerts, %d dead-lettered%s; evicted at the limits: %d sources, %d observers, "
+        "%d cooldowns", stats.handled, sink.count, stats.dead_lettered,
         f", {blocker.sent} block commands, {blocker.refused} refused by the budget "
-        f"({blocker.budget_alerts} block_budget_exhausted alerts)" if blocker else "")
+        f"({blocker.budget_alerts} block_budget_exhausted alerts)" if blocker else "",
+        evicted["sources"], evicted["observers"], evicted["cooldowns"])
 
 
 # ---------------------------------------------------------------------------- prevention

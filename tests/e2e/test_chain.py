@@ -19,7 +19,7 @@ from .procs import XDPWATCH, ProducerProc, XdpwatchProc
 
 pytestmark = pytest.mark.e2e
 
-ATTEMPTS = 12  # the default rule fires at 10 flow starts from one source within 60 s
+ATTEMPTS = 12  # the default rule fires at 10 completed handshakes (flow_established) from one source within 60 s
 FAST_GROUP = ["-X", "session.timeout.ms=6000"]
 
 

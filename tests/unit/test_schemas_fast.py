@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 
+import orjson
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,3 +98,46 @@ def test_valid_samples_pass_both():
 def test_fast_and_full_validators_agree(case):
     stream, doc = case
     assert schemas.is_valid(stream, doc) == (schemas.errors(stream, doc) == []), schemas.errors(stream, doc)
+
+
+# ---------------------------------------------------------------- hostile documents
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from([0.0, 1.0, 2.5, -1.0])
+                    | st.sampled_from(["", "a", "SYN", "1"]),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "b"]), inner, max_size=2),
+                    max_leaves=8)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(JSON, max_size=6))
+def test_linear_unique_items_agrees_with_jsonschema(items):
+    from jsonschema._utils import uniq
+
+    assert schemas.all_unique(items) == uniq(items)
+
+
+def flags_doc(flags) -> dict:
+    doc = copy.deepcopy(SAMPLES["ssh-flows"][0])
+    doc["tcp"]["flags"] = flags
+    return doc
+
+
+def test_error_reports_are_bounded():
+    # 240 KB of tcp.flags: each item an error, and the repr of the whole array in one message.
+    for flags in (list(range(40_000)), [{"a": i} for i in range(20_000)], ["SYN"] * 40_000, [[]] * 80_000):
+        doc = flags_doc(flags)
+        assert not schemas.is_valid("ssh-flows", doc)
+        errs = schemas.errors("ssh-flows", doc)
+        assert 1 <= len(errs) <= 3 and all(len(e) <= schemas.MAX_ERROR_CHARS for e in errs), errs
+        assert all(e.startswith("tcp/flags") for e in errs)
+    assert len(schemas.errors("ssh-flows", flags_doc(list(range(100))), limit=10)) == 10
+
+
+def test_deeply_nested_documents_are_invalid_not_errors():
+    # jsonschema-rs raised ValueError("Recursion limit reached") comparing two deep arrays for
+    # uniqueItems: every consumer validating such a message crashed.
+    for depth in (300, 1000):
+        deep = orjson.loads(b"[" * depth + b"]" * depth)
+        doc = flags_doc([deep, deep])
+        assert schemas.is_valid("ssh-flows", doc) is False
+        errs = schemas.errors("ssh-flows", doc)
+        assert 1 <= len(errs) <= 3, errs
