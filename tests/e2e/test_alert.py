@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from xdpwatch import schemas
 from xdpwatch.producer.events import Clock, EventShaper
 from xdpwatch.producer.flows import FlowReport
-from xdpwatch.producer.records import FlowKey, FlowValue
+from xdpwatch.producer.records import FlowKey, FlowValue, Handshake
 
 from .env import free_port, scrape, wait_for
 from .procs import XDPWATCH, XdpwatchProc
@@ -34,7 +34,10 @@ class FixedClock(Clock):
         self._offset = 1_800_000_000 * S
 
 
-def flow_starts(src: str, n: int, spacing_s: float) -> list[tuple[bytes, dict]]:
+def shaped(src: str, n: int, spacing_s: float, *actions: str) -> list[tuple[bytes, dict]]:
+    """n flows from `src`, one every `spacing_s` s of event time, each reported with `actions`
+    by the producer's own EventShaper: flow_start as its SYN arrived (tcp.handshake "syn"),
+    flow_established once its handshake completed ("complete")."""
     shaper = EventShaper("eth0", FixedClock(), hostname="gw1")
     out = []
     for i in range(n):
@@ -42,25 +45,24 @@ def flow_starts(src: str, n: int, spacing_s: float) -> list[tuple[bytes, dict]]:
         k.client_addr[:4] = list(map(int, src.split(".")))
         k.server_addr[:4] = [192, 0, 2, 1]
         t = int(i * spacing_s * S)
-        v = FlowValue(first_ns=t, last_ns=t, packets=1, bytes=74, tcp_flags=2, directions=1)
-        doc = shaper.flow(FlowReport("flow_start", None, k, v))
-        out.append((schemas.key_of("ssh-flows", doc), doc))
+        for action in actions:
+            done = action != "flow_start"
+            v = FlowValue(first_ns=t, last_ns=t, packets=3 if done else 1, bytes=200 if done else 74,
+                          tcp_flags=0x12 if done else 0x02, directions=1,
+                          handshake=Handshake.COMPLETE if done else Handshake.SYN)
+            doc = shaper.flow(FlowReport(action, None, k, v))
+            out.append((schemas.key_of("ssh-flows", doc), doc))
     return out
 
 
-def established(start: dict) -> dict:
-    """The flow_established event of the flow that `start` began: the client completed the
-    TCP handshake. Built here until EventShaper emits it (the contract: schemas/ssh-flow.v1.json)."""
-    doc = copy.deepcopy(start)
-    doc["event"].update(id=start["event"]["id"] + "-e", action="flow_established", type=["connection", "info"])
-    doc["tcp"]["handshake"] = "complete"
-    assert schemas.errors("ssh-flows", doc) == []
-    return doc
+def flow_starts(src: str, n: int, spacing_s: float) -> list[tuple[bytes, dict]]:
+    """n SYNs arriving (what a spoofer can send): flow_start only."""
+    return shaped(src, n, spacing_s, "flow_start")
 
 
 def connections(src: str, n: int, spacing_s: float) -> list[tuple[bytes, dict]]:
     """n connections whose handshakes completed: flow_start then flow_established, each."""
-    return [x for key, doc in flow_starts(src, n, spacing_s) for x in ((key, doc), (key, established(doc)))]
+    return shaped(src, n, spacing_s, "flow_start", "flow_established")
 
 
 def alert_cmd(broker, dead_letter, *extra):
@@ -203,8 +205,8 @@ def test_hostile_messages_and_300k_sources_neither_stop_nor_grow_the_consumer(br
         # 300,000 sources at one instant of event time (one window of every rule), half with a
         # flow_start (a SYN: spoofable), half with a flow_established (a completed handshake),
         # pre-serialized: only the source IP and event id vary.
-        start = flow_starts("10.0.0.1", 1, 1.0)[0][1]
-        parts = [template(start), template(established(start))]
+        start, est = (doc for _, doc in connections("10.0.0.1", 1, 1.0))
+        parts = [template(start), template(est)]
         for i in range(1, N_SOURCES + 1):
             ip = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}".encode()
             head, middle, tail = parts[i % 2]

@@ -11,13 +11,10 @@ from confluent_kafka import Producer
 
 from xdpwatch import schemas
 from xdpwatch.consumers.alert import alert_id
-from xdpwatch.producer.events import EventShaper
-from xdpwatch.producer.flows import FlowReport
-from xdpwatch.producer.records import FlowKey, FlowValue
 
 from .env import consume_all, free_port, scrape, wait_for
 from .procs import XdpwatchProc
-from .test_alert import S, FixedClock
+from .test_alert import connections
 
 pytestmark = pytest.mark.e2e
 
@@ -30,30 +27,9 @@ cooldown = 600
 SOURCES = [f"203.0.113.{i}" for i in range(10, 15)]
 
 
-def completed_connections(shaper: EventShaper, src: str, n: int) -> list[dict]:
-    """`n` SSH connections from `src` whose handshake completed: for each, the flow_start of
-    its SYN and the flow_established of the client's ACK (tcp.handshake complete), so the
-    brute-force rule counts them whether it counts flow starts or established flows."""
-    out = []
-    for i in range(n):
-        k = FlowKey(family=4, proto=6, client_port=40000 + i, server_port=22)
-        k.client_addr[:4] = list(map(int, src.split(".")))
-        k.server_addr[:4] = [192, 0, 2, 1]
-        t = i * S
-        start = shaper.flow(FlowReport("flow_start", None, k, FlowValue(
-            first_ns=t, last_ns=t, packets=1, bytes=74, tcp_flags=0x02, directions=1)))
-        est = shaper.flow(FlowReport("flow_start", None, k, FlowValue(  # shaped as a start, then made established
-            first_ns=t, last_ns=t + S // 1000, packets=2, bytes=140, tcp_flags=0x12, directions=1)))
-        est["event"].update(action="flow_established", type=["connection", "info"])
-        est["tcp"]["handshake"] = "complete"
-        out += [start, est]
-    return out
-
-
 def test_block_budget_turns_blocks_beyond_the_rate_into_one_alert(broker_factory, tmp_path):
     broker = broker_factory(value_schemas={f"xdpwatch.{s}": schemas.load(s) for s in schemas.names()})
-    shaper = EventShaper("eth0", FixedClock(), hostname="gw1")
-    events = [doc for src in SOURCES for doc in completed_connections(shaper, src, 3)]
+    events = [doc for src in SOURCES for _, doc in connections(src, 3, 1.0)]
     assert [schemas.errors("ssh-flows", d) for d in events] == [[]] * len(events)
     p = Producer({"bootstrap.servers": broker.bootstrap})
     for doc in events:
