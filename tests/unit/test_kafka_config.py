@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from xdpwatch import observability
+from xdpwatch.lab import free_port, listening
 from xdpwatch.kafka_config import (SECRET_PROPERTIES, KafkaConfigError, env_name, from_environ, is_secret,
                                    parse_properties, read_properties, resolve)
 
@@ -220,26 +220,6 @@ def test_a_secret_on_the_command_line_gets_one_warning(tmp_path):
 def test_a_malformed_option_is_not_quoted():
     r = run("blocks", "--bootstrap-servers", "127.0.0.1:1", "-X", "client.id=x", "-X", f"sasl.password:{SECRET}")
     assert r.returncode == 2 and "-X number 2 is not" in r.stderr and SECRET not in r.stderr
-
-
-def listening(port: int) -> set[str]:
-    """The local addresses with a TCP socket listening on `port` (IPv4 and IPv6)."""
-    found = set()
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, p = local.split(":")
-            if state == "0A" and int(p, 16) == port:
-                raw = bytes.fromhex(addr)
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per-word host order
-                found.add(socket.inet_ntop(family, raw))
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("address,expected", [(None, {"127.0.0.1"}), ("0.0.0.0", {"0.0.0.0"})])
