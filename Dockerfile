@@ -9,16 +9,20 @@ RUN apt-get update \
       iproute2 zstd ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-# A venv that sees Debian's bcc module (it is not on PyPI).
+# A venv that sees Debian's bcc module (it is not on PyPI), with exactly the packages of
+# requirements-image.lock (`make lock`): sha256 checked, wheels only. Then xdpwatch itself,
+# resolving nothing, built by the locked setuptools.
 RUN python3 -m venv --system-site-packages /opt/xdpwatch
 WORKDIR /opt/xdpwatch/src
+COPY requirements-image.lock ./
+RUN /opt/xdpwatch/bin/pip install --no-cache-dir --require-hashes --only-binary :all: -r requirements-image.lock
 COPY pyproject.toml README.md ./
 COPY xdpwatch xdpwatch
 COPY producer producer
 COPY consumers consumers
 COPY schemas schemas
 COPY bpf bpf
-RUN /opt/xdpwatch/bin/pip install --no-cache-dir . \
+RUN /opt/xdpwatch/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
  && /opt/xdpwatch/bin/xdpwatch --version
 
 # The consumers run as this user (fixed uid: volumes and host files can be given to it).
