@@ -90,12 +90,12 @@ def test_settings_from_file_and_environment_reach_kafka_never_the_command_line(t
                  "the broker to hear the file's client.id and the environment's client.software.name")
         time.sleep(1)
         rc = producer.stop()
-    tap.close()
     assert rc == 0, producer.stderr
     assert SECRET not in producer.stderr and "puts a secret on the command line" not in producer.stderr
     delivered = int(producer.stderr.split("delivered ")[1].split(",")[0])
     assert delivered >= 3
     assert len(consume_all(broker.bootstrap, "xdpwatch.packet-counts")) == delivered
+    tap.close()
 
 
 @pytest.fixture
