@@ -6,18 +6,23 @@ DURATION ?= 60
 DEMO_DIR ?= demo-output
 BENCH_OUT ?= bench/results
 
-.PHONY: setup test test-soak test-unit test-kernel test-e2e demo bench clean help
+.PHONY: setup lock test test-soak test-unit test-kernel test-e2e demo bench clean help
 
 help:
 	@echo "make demo       setup, then the whole pipeline for DURATION s (default 60) with a live view"
 	@echo "make bench      setup, then every benchmark side by side (BENCH_QUICK=1: a smoke run)"
 	@echo "make setup      install Debian packages, kernel header links, .venv, test broker (idempotent)"
+	@echo "make lock       regenerate requirements.lock and requirements-image.lock (UPGRADE=1: newest versions)"
 	@echo "make test       setup, then every test (unit, kernel, end to end)"
 	@echo "make test-unit  pure-Python tests only (fast, no root)"
 	@echo "make test-soak  long crash and outage variants (60 s broker outages, 100 kill -9)"
 
 setup:
 	@bash scripts/setup.sh
+
+# The Python packages, pinned with their sha256, that setup and the image install (a few minutes).
+lock:
+	@bash scripts/lock.sh
 
 test: setup
 	$(PYTEST) -q -ra tests

@@ -167,7 +167,10 @@ def ensure_topics(conf: dict, topics: list[str], partitions: int = 3, replicatio
     from confluent_kafka.admin import AdminClient, NewTopic
 
     errors: collections.deque = collections.deque(maxlen=20)
-    admin = AdminClient({**conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
+    try:
+        admin = AdminClient({**conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
+    except KafkaException as e:
+        raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as e:

