@@ -21,13 +21,18 @@ import datetime as dt
 import hashlib
 import itertools
 import math
+import logging
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, fields
 from typing import Callable
 
 from .. import schemas
+from .base import crash_point
 from .errors import ConsumerError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RULES = """\
 # xdpwatch alert rules. Durations in seconds. Remove a section or set enabled = false to turn a rule off.
@@ -65,6 +70,7 @@ min_rate = 100.0          # ... and rate >= this many packets/s
 alpha = 0.1               # EWMA weight of each new interval
 warmup = 20               # intervals before the baseline is trusted
 cooldown = 60
+history = 600             # after a restart or rebalance, the baseline is rebuilt from this many seconds of counts
 
 [kernel_drops]            # the kernel lost flow events (ring buffer full)
 enabled = true
@@ -94,6 +100,7 @@ class SpikeConfig:
     alpha: float = 0.1
     warmup: int = 20
     cooldown: float = 60.0
+    history: float = 600.0  # seconds of packet counts replayed to rebuild the baseline after a restart
 
 
 @dataclass(frozen=True)
@@ -179,11 +186,12 @@ SEVERITY = {"ssh_bruteforce": 70, "ssh_auth_failures": 75, "ssh_scan": 60, "ssh_
 
 
 def make_alert(rule: str, subject: str, message: str, first: tuple, last: tuple, count: float, window: float,
-               observer: dict, source_ip: str | None = None, **extra) -> dict:
+               observer: dict, source_ip: str | None = None, at: float | None = None, **extra) -> dict:
     """An alert document. `first`, `last`: (event time, event id, ...) of the oldest and the
-    newest event of the evidence, as the detector's state holds them."""
+    newest event of the evidence, as the detector's state holds them; `at`: the event time of
+    the event that completed it (its @timestamp; `last`'s unless that event came late)."""
     alert = {
-        "@timestamp": iso(last[0]),
+        "@timestamp": iso(last[0] if at is None else at),
         "event": {"id": alert_id(rule, subject, first[1]), "kind": "alert", "module": "xdpwatch",
                   "dataset": "xdpwatch.alerts", "severity": SEVERITY[rule],
                   "category": ["intrusion_detection", "network"]},
@@ -266,39 +274,85 @@ class _Source:
 _COUNTED_HANDSHAKES = (None, "complete")  # on flow_established: absent (older producers) or complete
 
 
-class Detector:
-    """All rules; feed it events in order (`on_event`), it calls `emit(alert)` for each alert.
+class Raised:
+    """The alerts raised, as the cooldowns need them: per (rule, subject), the event times of
+    its recent alerts (`times`); and the alerts already in the alerts topic, read back at a
+    rebuild (`published`: id -> event time), which count in `times` too. A detector raises
+    an alert already published again exactly where it was raised (same id, same event time),
+    to hand it on, and publishes it only once."""
 
-    State, all bounded: `sources` (source IP -> _Source, least recently active first, at most
-    `limits.max_sources`), `cooldowns` ((rule, subject) -> event time until which that rule is
-    quiet for that subject; expired ones are pruned, read and set it freely), `baselines`
-    (observer -> traffic EWMA, at most `limits.max_observers`), and `evicted`: how many sources,
-    observers and live cooldowns the caps dropped.
+    def __init__(self) -> None:
+        self.times: dict[tuple[str, str], list[float]] = {}
+        self.published: dict[str, float] = {}
+
+    def add_published(self, alert: dict) -> None:
+        t = parse_time(alert["@timestamp"])
+        self.published[alert["event"]["id"]] = t
+        times = self.times.setdefault((alert["rule"]["name"], _subject(alert)), [])
+        if t not in times:
+            bisect.insort(times, t)
+
+
+class SourcePool:
+    """The cap on sources tracked by every Detector that shares it (one per partition), and
+    what the caps dropped: `evicted` sources, observers (traffic baselines) and cooldowns."""
+
+    def __init__(self, max_sources: int):
+        self.max_sources, self.tracked = max_sources, 0
+        self.evicted = {"sources": 0, "observers": 0, "cooldowns": 0}
+
+
+class Detector:
+    """All rules over one stream of events (a partition: its events' sources and observers
+    are nobody else's); feed it events in order (`on_event`), it calls `emit(alert)` for each
+    alert.
+
+    Cooldowns: a rule raises at most one alert per subject within `cooldown` seconds of event
+    time, before or after (late events included): `raised.times` keeps, per (rule, subject),
+    the event times of its recent alerts, whether raised here or read back from the alerts
+    topic, so a rebuilt detector is quiet exactly where an uninterrupted one was.
+
+    State, all bounded: `sources` (source IP -> _Source, least recently active first; every
+    detector sharing `pool` tracks at most `limits.max_sources` in all), `raised` (expired
+    entries pruned, at most `limits.max_sources` keys; may be shared by the detectors of one
+    consumer, subjects being partition-disjoint), `baselines` (observer -> traffic EWMA, at
+    most `limits.max_observers`), and `pool.evicted`: how many sources, observers and live
+    cooldowns the caps dropped.
     """
 
-    def __init__(self, rules: Rules, emit: Callable[[dict], None]):
+    def __init__(self, rules: Rules, emit: Callable[[dict], None], raised: Raised | None = None,
+                 pool: SourcePool | None = None):
         self.rules, self.emit = rules, emit
         self.sources: collections.OrderedDict[str, _Source] = collections.OrderedDict()
-        self.cooldowns: dict[tuple[str, str], float] = {}
+        self.raised = raised or Raised()
         self.baselines: collections.OrderedDict[str, tuple[float, float, int]] = collections.OrderedDict()
-        self.evicted = {"sources": 0, "observers": 0, "cooldowns": 0}
+        self.pool = pool or SourcePool(rules.limits.max_sources)
+        self.evicted = self.pool.evicted
         self._idle = max(r.window for r in (rules.ssh_bruteforce, rules.ssh_scan, rules.ssh_auth_failures,
                                             rules.ssh_syn_flood))
-        self._sweep_at = 1024  # cooldowns: prune expired ones whenever the map doubled
+        self._sweep_at = 1024  # raised: prune expired keys whenever the map doubled
+        self._cooldown = {"ssh_bruteforce": rules.ssh_bruteforce.cooldown, "ssh_scan": rules.ssh_scan.cooldown,
+                          "ssh_auth_failures": rules.ssh_auth_failures.cooldown,
+                          "ssh_syn_flood": rules.ssh_syn_flood.cooldown, "traffic_spike": rules.traffic_spike.cooldown,
+                          "kernel_drops": rules.kernel_drops.cooldown}
+        self._emitting = self._cooling = True
 
-    def on_event(self, stream: str, doc: dict, emit: bool = True) -> None:
-        """Feed one schema-valid event. With `emit=False` the state (windows, cooldowns) moves
-        exactly as with `emit=True` but no alert goes out: to rebuild state after a restart."""
+    def on_event(self, stream: str, doc: dict, emit: bool = True, cooldowns: bool = True) -> None:
+        """Feed one schema-valid event. With `emit=False` no alert goes out but the windows
+        and baselines move exactly as live: to rebuild state after a restart. `cooldowns`
+        says whether the alerts that would have been raised count in the cooldowns then (when
+        the alerts actually published cannot be read back instead)."""
+        self._emitting, self._cooling = emit, cooldowns or emit
         if stream == "ssh-flows":
             action, handshake = doc["event"]["action"], doc["tcp"].get("handshake")
             if action == "flow_established" and handshake in _COUNTED_HANDSHAKES:
-                self._on_established(doc, emit)
+                self._on_established(doc)
             elif action == "flow_start" and handshake != "none":
-                self._on_syn(doc, emit)
+                self._on_syn(doc)
             elif action == "flow_end" and handshake == "complete":
-                self._on_flow_end(doc, emit)
+                self._on_flow_end(doc)
         elif stream == "packet-counts":
-            self._on_counts(doc, emit)
+            self._on_counts(doc)
 
     # --- state -------------------------------------------------------------------------
     def _source(self, src: str, t: float) -> _Source:
@@ -309,9 +363,12 @@ class Detector:
         s = sources.get(src)
         if s is None:
             s = sources[src] = _Source()
-            if len(sources) > self.rules.limits.max_sources:
+            pool = self.pool
+            pool.tracked += 1
+            if pool.tracked > pool.max_sources and len(sources) > 1:
                 sources.popitem(last=False)
-                self.evicted["sources"] += 1
+                pool.tracked -= 1
+                pool.evicted["sources"] += 1
         else:
             sources.move_to_end(src)
         if t > s.last:
@@ -319,34 +376,57 @@ class Detector:
         horizon = t - self._idle
         while (oldest := next(iter(sources.values()))).last <= horizon and oldest is not s:
             sources.popitem(last=False)
+            self.pool.tracked -= 1
         return s
 
-    def _may_alert(self, rule: str, subject: str, t: float, cooldown: float) -> bool:
-        """True (and the cooldown starts) unless `rule` is quiet for `subject` at event time t."""
-        key = (rule, subject)
-        until = self.cooldowns.pop(key, None)  # re-inserted at the end: insertion order ~ expiry order
-        if until is not None and t < until:
-            self.cooldowns[key] = until
-            return False
-        self.cooldowns[key] = t + cooldown
-        if len(self.cooldowns) > self._sweep_at:
-            self._prune_cooldowns(t)
-        return True
+    def forget(self) -> None:
+        """Give this detector's sources back to the pool (its partition went elsewhere)."""
+        self.pool.tracked -= len(self.sources)
+        self.sources.clear()
 
-    def _prune_cooldowns(self, t: float) -> None:
-        """Forget the cooldowns over at event time t; beyond the cap, drop (and count) the
-        oldest set. Runs when the map doubled since the last time: O(1) per alert."""
-        for key in [k for k, until in self.cooldowns.items() if until <= t]:
-            del self.cooldowns[key]
-        over = len(self.cooldowns) - self.rules.limits.max_sources
+    def _may_alert(self, rule: str, subject: str, t: float, cooldown: float, first_id: str) -> bool:
+        """True (and the raise counts in the cooldowns) unless `rule` is quiet for `subject` at
+        event time t: within `cooldown` of one of its alerts (raised here or published). An
+        alert already published is raised again where it was raised (its id, from `first_id`,
+        the oldest event of its evidence, and its event time say so): it is not published
+        twice, but handed on (its block may not have been sent). Always False while
+        rebuilding; the raise then counts only if on_event said so."""
+        if not self._cooling:
+            return False
+        key = (rule, subject)
+        raised = self.raised.times
+        times = raised.get(key)
+        published = self.raised.published
+        if times and not (published and published.get(alert_id(rule, subject, first_id)) == t):
+            if any(abs(t - f) < cooldown for f in times):
+                return False
+        if times is None:
+            times = raised[key] = []
+        if t not in times:
+            times.append(t)
+            times.sort()
+            while len(times) > 1 and times[0] < times[-1] - 2 * cooldown:  # too old to quiet anything
+                times.pop(0)
+        if len(raised) > self._sweep_at:
+            self._prune_raised(t)
+        return self._emitting
+
+    def _prune_raised(self, t: float) -> None:
+        """Forget the raises whose cooldowns are over at event time t; beyond the cap, drop
+        (and count) the oldest keys. Runs when the map doubled since the last time: O(1) per
+        alert."""
+        cooldown, raised = self._cooldown, self.raised.times
+        for key in [k for k, times in raised.items() if times[-1] + cooldown.get(k[0], 0) <= t]:
+            del raised[key]
+        over = len(raised) - self.pool.max_sources
         if over > 0:
-            for key in list(itertools.islice(self.cooldowns, over)):
-                del self.cooldowns[key]
+            for key in list(itertools.islice(raised, over)):
+                del raised[key]
             self.evicted["cooldowns"] += over
-        self._sweep_at = 2 * len(self.cooldowns) + 1024
+        self._sweep_at = 2 * len(raised) + 1024
 
     # --- rules -------------------------------------------------------------------------
-    def _on_established(self, doc: dict, emit: bool) -> None:
+    def _on_established(self, doc: dict) -> None:
         src, t, eid = doc["source"]["ip"], parse_time(doc["@timestamp"]), doc["event"]["id"]
         entry = (t, eid, sys.intern(doc["destination"]["ip"]))
         brute, scan = self.rules.ssh_bruteforce, self.rules.ssh_scan
@@ -356,34 +436,34 @@ class Detector:
         if brute.enabled:
             q = s.brute
             _count(q, entry, brute.window, max(brute.threshold, 1))
-            if len(q) >= brute.threshold and self._may_alert("ssh_bruteforce", src, t, brute.cooldown) and emit:
+            if len(q) >= brute.threshold and self._may_alert("ssh_bruteforce", src, t, brute.cooldown, q[0][1]):
                 self.emit(make_alert("ssh_bruteforce", src,
                                      f"{len(q)} SSH connections with a completed handshake from {src} "
                                      f"within {brute.window:g}s", q[0], q[-1], len(q), brute.window,
-                                     doc["observer"], src, destinations=sorted({e[2] for e in q})))
+                                     doc["observer"], src, at=t, destinations=sorted({e[2] for e in q})))
         if scan.enabled:
             q = s.scan
             _distinct(q, entry, scan.window, max(scan.threshold, 1))
-            if len(q) >= scan.threshold and self._may_alert("ssh_scan", src, t, scan.cooldown) and emit:
+            if len(q) >= scan.threshold and self._may_alert("ssh_scan", src, t, scan.cooldown, q[0][1]):
                 self.emit(make_alert("ssh_scan", src, f"{src} completed SSH handshakes with {len(q)} servers "
                                      f"within {scan.window:g}s", q[0], q[-1], len(q), scan.window,
-                                     doc["observer"], src, destinations=sorted(e[2] for e in q)))
+                                     doc["observer"], src, at=t, destinations=sorted(e[2] for e in q)))
 
-    def _on_syn(self, doc: dict, emit: bool) -> None:
+    def _on_syn(self, doc: dict) -> None:
         r = self.rules.ssh_syn_flood
         if not r.enabled:
             return
         src, t = doc["source"]["ip"], parse_time(doc["@timestamp"])
         q = self._source(src, t).syn
         _count(q, (t, doc["event"]["id"], sys.intern(doc["destination"]["ip"])), r.window, max(r.threshold, 1))
-        if len(q) >= r.threshold and self._may_alert("ssh_syn_flood", src, t, r.cooldown) and emit:
+        if len(q) >= r.threshold and self._may_alert("ssh_syn_flood", src, t, r.cooldown, q[0][1]):
             self.emit(make_alert("ssh_syn_flood", src,
                                  f"{len(q)} SSH connection attempts claiming source {src} within {r.window:g}s "
                                  "(unverified: no completed handshake is needed, the address may be spoofed)",
-                                 q[0], q[-1], len(q), r.window, doc["observer"], src,
+                                 q[0], q[-1], len(q), r.window, doc["observer"], src, at=t,
                                  destinations=sorted({e[2] for e in q})))
 
-    def _on_flow_end(self, doc: dict, emit: bool) -> None:
+    def _on_flow_end(self, doc: dict) -> None:
         """The brute-force variant that counts refused logins (ssh.auth.failures, guessed
         by the producer) rather than connections: it also sees many passwords tried over
         few connections, and ignores many successful ones. Each flow's count is one addition."""
@@ -394,16 +474,16 @@ class Detector:
         src, t = doc["source"]["ip"], parse_time(doc["@timestamp"])
         q = self._source(src, t).fails
         total = _summed(q, (t, doc["event"]["id"], failures), r.window, r.threshold)
-        if total >= r.threshold and self._may_alert("ssh_auth_failures", src, t, r.cooldown) and emit:
+        if total >= r.threshold and self._may_alert("ssh_auth_failures", src, t, r.cooldown, q[0][1]):
             self.emit(make_alert("ssh_auth_failures", src, f"{total} refused SSH logins from {src} within "
-                                 f"{r.window:g}s", q[0], q[-1], total, r.window, doc["observer"], src))
+                                 f"{r.window:g}s", q[0], q[-1], total, r.window, doc["observer"], src, at=t))
 
-    def _on_counts(self, doc: dict, emit: bool) -> None:
+    def _on_counts(self, doc: dict) -> None:
         t, eid = parse_time(doc["@timestamp"]), doc["event"]["id"]
         obs = f"{doc['observer']['hostname']}/{doc['observer']['ingress']['interface']['name']}"
         d = self.rules.kernel_drops
         drops = doc["drops"]["ringbuf"]
-        if d.enabled and drops > 0 and self._may_alert("kernel_drops", obs, t, d.cooldown) and emit:
+        if d.enabled and drops > 0 and self._may_alert("kernel_drops", obs, t, d.cooldown, eid):
             self.emit(make_alert("kernel_drops", obs, f"{drops} flow events lost in the kernel on {obs} "
                                  "(ring buffer full; raise --ringbuf-pages)", (t, eid), (t, eid), drops, 0,
                                  doc["observer"]))
@@ -420,7 +500,7 @@ class Detector:
             self.evicted["observers"] += 1
         dev = math.sqrt(var)
         if n >= s.warmup and rate >= s.min_rate and rate > mean + s.factor * dev:
-            if self._may_alert("traffic_spike", obs, t, s.cooldown) and emit:
+            if self._may_alert("traffic_spike", obs, t, s.cooldown, eid):
                 self.emit(make_alert("traffic_spike", obs,
                                      f"{rate:.0f} packets/s on {obs}, baseline {mean:.0f} ± {dev:.0f}",
                                      (t, eid), (t, eid), round(rate, 3), secs, doc["observer"],
@@ -476,20 +556,178 @@ class AlertSink:
 
 
 class AlertHandler:
-    """Alerts go to `sink`; with `on_alert` (e.g. consumers.control.BlockOnAlert) each one
-    is also handed on once it is delivered."""
+    """The alert consumer's handler: one Detector per assigned partition (a partition's
+    sources and observers are its own: SSH flows are keyed by client IP, packet counts by
+    observer), alerts to `sink`, and each alert handed on to `on_alert` (e.g.
+    consumers.control.BlockOnAlert) once published.
 
-    def __init__(self, rules: Rules, sink: AlertSink, on_alert: Callable[[dict], None] | None = None):
-        self.sink, self.on_alert = sink, on_alert
-        self.detector = Detector(rules, self._emit)
+    Exactly once across restarts, kills and rebalances (with `history`, a history.Reader):
+    when the group gives it a partition that has a committed offset C, it first rebuilds that
+    partition's state as the last owner had it, by feeding the events of the longest window
+    (and the baseline's history) before C to a fresh detector without alerting; then reads
+    back the tail of the alerts topic: every alert already published is not published again
+    (its event.id is deterministic), and the cooldowns start when those alerts were raised.
+    `on_alert` reads back the control topic the same way (`remember`). Without a Kafka sink
+    (stdout, a file) the cooldowns are rebuilt from the replayed events instead, and delivery
+    is at least once: deduplicate on event.id.
+    """
+
+    def __init__(self, rules: Rules, sink: AlertSink, on_alert: Callable[[dict], None] | None = None,
+                 history=None, alerts_topic: str | None = None, control_topic: str | None = None,
+                 from_beginning: bool = True):
+        self.rules, self.sink, self.on_alert, self.from_beginning = rules, sink, on_alert, from_beginning
+        self.history, self.alerts_topic, self.control_topic = history, alerts_topic, control_topic
+        self.pool = SourcePool(rules.limits.max_sources)
+        self.raised = Raised()  # the detectors' shared cooldowns, and what the alerts topic held at the last rebuild
+        self._detectors: dict[tuple[str, int], Detector] = {}
+        self.stats = {"rebuilds": 0, "rebuild_seconds": 0.0, "events_reread": 0, "alerts_suppressed": 0}
+        # How far back a rebuild reads: every window, the baseline's history, every cooldown.
+        windows = (rules.ssh_bruteforce, rules.ssh_scan, rules.ssh_auth_failures, rules.ssh_syn_flood)
+        self.horizon_events = max(*(r.window for r in windows), rules.traffic_spike.history)
+        self.horizon_alerts = max(*(r.cooldown for r in windows), rules.traffic_spike.cooldown,
+                                  rules.kernel_drops.cooldown)
+
+    @property
+    def evicted(self) -> dict:
+        return self.pool.evicted
+
+    def _detector(self, topic: str, partition: int) -> Detector:
+        d = self._detectors.get((topic, partition))
+        if d is None:
+            d = self._detectors[(topic, partition)] = Detector(self.rules, self._emit, self.raised, self.pool)
+        return d
+
+    # --- publishing ----------------------------------------------------------------------
+    def publish(self, alert: dict) -> bool:
+        """Put `alert` on the sink unless it is already there (read back at the last
+        rebuild); True if it was put."""
+        if alert["event"]["id"] in self.raised.published:
+            self.stats["alerts_suppressed"] += 1
+            log.info("alert %s (%s) is already published: not again", alert["event"]["id"], alert["rule"]["name"])
+            return False
+        self.sink.put(alert)
+        crash_point("alert-published")
+        return True
 
     def _emit(self, alert: dict) -> None:
-        self.sink.put(alert)
+        self.publish(alert)
         if self.on_alert is not None:
-            self.on_alert(alert)
+            self.on_alert(alert)  # also for an alert published before a crash: its block may not be
 
     def handle(self, ev) -> None:
-        self.detector.on_event(ev.stream, ev.doc)
+        self._detector(ev.topic, ev.partition).on_event(ev.stream, ev.doc)
+
+    # --- rebalances (consumers.base.run_loop) ----------------------------------------------
+    def on_assign(self, consumer, partitions: list) -> None:
+        """Fresh state for each partition given to us, rebuilt from before its committed offset."""
+        started = time.monotonic()
+        plan, from_start = [], False
+        for tp in consumer.committed(partitions, timeout=15):
+            old = self._detectors.pop((tp.topic, tp.partition), None)
+            if old is not None:
+                old.forget()
+            self._detector(tp.topic, tp.partition)
+            if tp.offset > 0:
+                plan.append((tp.topic, tp.partition, tp.offset))
+            else:  # never committed: read again from the reset position
+                from_start |= self.from_beginning
+        if self.history is None:
+            return
+        reread = self._rebuild(plan, from_start)
+        self.stats["rebuilds"] += 1
+        self.stats["events_reread"] += reread
+        self.stats["rebuild_seconds"] = round(time.monotonic() - started, 3)
+        log.info("rebuilt the state of %s from %d events before the committed offsets, and read back %d alerts "
+                 "already published (%.1fs)", ", ".join(f"{t}[{p}]@{c}" for t, p, c in plan) or "no partition",
+                 reread, len(self.raised.published), self.stats["rebuild_seconds"])
+
+    def on_revoke(self, partitions: list) -> None:
+        for tp in partitions:
+            d = self._detectors.pop((tp.topic, tp.partition), None)
+            if d is not None:
+                d.forget()
+
+    def _rebuild(self, plan: list[tuple[str, int, int]], from_start: bool) -> int:
+        """Feed each partition's events before its committed offset C to its detector, from
+        the longest horizon before the last one handled (C - 1); then the alerts and control
+        tails, from the horizon before the earliest of those (the whole alerts topic when a
+        partition is read again from its beginning: any alert may come again). Returns how
+        many events were fed."""
+        from .base import decode
+        from .history import MARGIN_S
+
+        h = self.history
+        readback = self.alerts_topic is not None
+        anchors: dict[tuple[str, int], float] = {}
+        ranges = []
+        for topic, partition, committed in plan:
+            last = h.message_at(topic, partition, committed - 1)
+            if last is None:  # gone by retention: nothing before it either
+                continue
+            ev, _ = decode(last)
+            t = last.timestamp()[1] / 1000
+            if ev is not None and "@timestamp" in ev.doc:
+                t = min(t, parse_time(ev.doc["@timestamp"]))
+            anchors[(topic, partition)] = t
+            ranges.append((topic, partition, h.start(topic, partition, t - self.horizon_events - MARGIN_S), committed))
+        fed = 0
+        for m in h.read(ranges):
+            ev, _ = decode(m)  # what is invalid now was dead-lettered then
+            if ev is None or parse_time(ev.doc["@timestamp"]) < anchors[(m.topic(), m.partition())] - self.horizon_events:
+                continue
+            self._detectors[(m.topic(), m.partition())].on_event(ev.stream, ev.doc, emit=False, cooldowns=not readback)
+            fed += 1
+        since = 0.0 if from_start else min(anchors.values(), default=time.time()) - self.horizon_alerts - MARGIN_S
+        budget_alerts = self._read_alerts(since) if readback else []
+        blocker = self.on_alert
+        if self.control_topic is not None and hasattr(blocker, "remember"):
+            horizon = min(since, time.time() - blocker.ttl_s - MARGIN_S)
+            commands = (d for m in h.tail(self.control_topic, horizon) if (d := _valid(m, "control")) is not None)
+            blocker.remember(commands, budget_alerts)
+        return fed
+
+    def _read_alerts(self, since: float) -> list[float]:
+        """The alerts published since `since` (event time or publication): not published
+        again, and quiet for a cooldown after each. Returns when the block_budget_exhausted
+        ones among them were published."""
+        self.raised.published.clear()
+        budget_alerts = []
+        for m in self.history.tail(self.alerts_topic, since):
+            alert = _valid(m, "alerts")
+            if alert is None:
+                continue
+            t, sent = parse_time(alert["@timestamp"]), m.timestamp()[1] / 1000
+            if t < since and sent < since:
+                continue
+            if alert["rule"]["name"] == "block_budget_exhausted":
+                budget_alerts.append(sent)
+            self.raised.add_published(alert)
+        return budget_alerts
 
     def close(self) -> None:
         self.sink.close()
+        if self.history is not None:
+            self.history.close()
+
+
+def _subject(alert: dict) -> str:
+    """Who an alert is about, as the detector keys its cooldown: the source IP, or for the
+    interface rules the observer (hostname/interface)."""
+    if "source" in alert:
+        return alert["source"]["ip"]
+    obs = alert.get("observer", {})
+    return f"{obs.get('hostname')}/{obs.get('ingress', {}).get('interface', {}).get('name')}"
+
+
+def _valid(m, stream: str) -> dict | None:
+    """A message read back, decoded and schema-valid, or None."""
+    import orjson
+
+    value = m.value()
+    if value is None:
+        return None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if schemas.is_valid(stream, doc) else None

@@ -35,7 +35,6 @@ import fcntl
 import logging
 import os
 import re
-import signal
 import stat
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import orjson
 
+from .base import crash_point
 from .errors import ConsumerError
 
 log = logging.getLogger(__name__)
@@ -51,20 +51,10 @@ SEGMENT_RE = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)\.p(?P<partition>\d+)\."
                         r"(?P<first>\d{20})-(?P<last>\d{20})\.jsonl\.zst$")
 LOCK_NAME = ".xdpwatch-archive.lock"
 
-# Crash injection for tests: XDPWATCH_CRASH_AT=<point>:<n> makes the process SIGKILL itself
-# the n-th time it reaches <point> of the cycle: `write` (a line went into the open file),
-# `frame-end` (zstd frame ended, not fsynced), `fsync` (fsynced, not renamed), `rename`
-# (renamed, directory not fsynced), `commit` (all durable, offsets about to be committed).
+# The archive's crash points (consumers.base.crash_point, for tests): `write` (a line went into
+# the open file), `frame-end` (zstd frame ended, not fsynced), `fsync` (fsynced, not renamed),
+# `rename` (renamed, directory not fsynced), `commit` (all durable, offsets about to be committed).
 CRASH_POINTS = ("write", "frame-end", "fsync", "rename", "commit")
-_crash_at = os.environ.get("XDPWATCH_CRASH_AT", "").partition(":")
-_crash_hits = {"left": int(_crash_at[2] or 1)}
-
-
-def _crash_point(name: str) -> None:
-    if name == _crash_at[0]:
-        _crash_hits["left"] -= 1
-        if not _crash_hits["left"]:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -154,19 +144,19 @@ class _OpenSegment:
         self.last = offset
         self.lines += 1
         self.raw_bytes += len(line)
-        _crash_point("write")
+        crash_point("write")
 
     def finish(self) -> Segment:
         """End the frame, fsync, rename to the final name, fsync the directory."""
         self._zw.close()
         self._file.flush()
-        _crash_point("frame-end")
+        crash_point("frame-end")
         os.fsync(self._file.fileno())
         self._file.close()
-        _crash_point("fsync")
+        crash_point("fsync")
         final = self.directory / segment_name(self.topic, self.partition, self.first, self.last)
         os.rename(self.tmp, final)
-        _crash_point("rename")
+        crash_point("rename")
         _fsync_dir(self.directory)
         return Segment(final, self.topic, self.partition, self.first, self.last)
 
@@ -267,7 +257,7 @@ class Archiver:
         out = [TopicPartition(t, p, off) for (t, p), off in self._durable.items()]
         self._durable.clear()
         if out:
-            _crash_point("commit")
+            crash_point("commit")
         return out
 
     def close(self) -> None:

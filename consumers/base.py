@@ -21,6 +21,8 @@ from __future__ import annotations
 import base64
 import collections
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +56,30 @@ class Handler(Protocol):
     def close(self) -> None: ...
 
 
+# Crash injection for tests: XDPWATCH_CRASH_AT=<point>:<n> makes the process SIGKILL itself the
+# n-th time it reaches <point> (the archive's are in archive.CRASH_POINTS; the alert consumer's:
+# `alert-published`, an alert acknowledged by Kafka, its offset not stored; `block-sent`, the same
+# for a block command).
+_crash_at = os.environ.get("XDPWATCH_CRASH_AT", "").partition(":")
+_crash_hits = {"left": int(_crash_at[2] or 1)}
+
+
+def crash_point(name: str) -> None:
+    if name == _crash_at[0]:
+        _crash_hits["left"] -= 1
+        if not _crash_hits["left"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RebalanceAware(Handler, Protocol):
+    """A handler with state per partition: told which partitions it gets (before their first
+    message: it may rebuild their state, reading with its own client) and loses (after their
+    handled offsets are committed)."""
+
+    def on_assign(self, consumer, partitions: list) -> None: ...
+    def on_revoke(self, partitions: list) -> None: ...
+
+
 class OffsetOwner(Handler, Protocol):
     owns_offsets: bool  # True
 
@@ -84,7 +110,6 @@ def append_private(path: str, what: str):
     a symbolic link: a planted link can neither divert evidence nor extend another file.
     Raises ConsumerError naming `what` the file is for."""
     import errno
-    import os
 
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -101,8 +126,6 @@ class FileDeadLetter:
         self._f = append_private(path, "dead-letter file")
 
     def put(self, record: dict) -> None:
-        import os
-
         self._f.write(orjson.dumps(record) + b"\n")
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -199,11 +222,12 @@ class LoopStats:
 
 class ConsumerMetrics:
     """Prometheus view of a consumer: messages handled and dead-lettered, the handler's own
-    figures (`extra()` -> {name: (help, value)}), and lag per partition from librdkafka's
-    statistics (put `on_stats` as `stats_cb` in the consumer config)."""
+    figures (`extra()` -> {name: (help, value)} counters, `gauges()` the same for gauges), and
+    lag per partition from librdkafka's statistics (put `on_stats` as `stats_cb` in the
+    consumer config)."""
 
-    def __init__(self, command: str, stats: LoopStats, extra=lambda: {}):
-        self.command, self.stats, self.extra = command, stats, extra
+    def __init__(self, command: str, stats: LoopStats, extra=lambda: {}, gauges=lambda: {}):
+        self.command, self.stats, self.extra, self.gauges = command, stats, extra, gauges
         self.lag: dict[tuple[str, int], int] = {}
 
     def on_stats(self, raw: str) -> None:
@@ -226,10 +250,11 @@ class ConsumerMetrics:
         for (t, p), v in sorted(self.lag.items()):
             lag.add_metric([self.command, t, str(p)], v)
         yield lag
-        for name, (text, value) in self.extra().items():
-            c = CounterMetricFamily(f"xdpwatch_{name}", text, labels=["command"])
-            c.add_metric([self.command], value)
-            yield c
+        for kind, figures in ((CounterMetricFamily, self.extra()), (GaugeMetricFamily, self.gauges())):
+            for name, (text, value) in figures.items():
+                c = kind(f"xdpwatch_{name}", text, labels=["command"])
+                c.add_metric([self.command], value)
+                yield c
 
 
 def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: dict[str, str]) -> dict:
@@ -278,6 +303,15 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                 _commit(c, handler.durable())
 
             consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke)
+        elif hasattr(handler, "on_assign"):  # a handler with state per partition (RebalanceAware)
+            def on_assign(c, partitions):
+                handler.on_assign(c, partitions)
+
+            def on_revoke(c, partitions):
+                _commit_stored(c)  # the next owner starts right after what was handled here
+                handler.on_revoke(partitions)
+
+            consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke)
         else:
             consumer.subscribe(topics)
         last_message = time.monotonic()
@@ -301,7 +335,7 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                     log.warning("consumer: %s", err.str())
                     continue
                 last_message = time.monotonic()
-                ev, reason = _decode(m)
+                ev, reason = decode(m)
                 if ev is not None:
                     try:
                         handler.handle(ev)
@@ -322,17 +356,24 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                     consumer.store_offsets(message=m)
         handler.close()
         if not owner:
-            try:
-                consumer.commit(asynchronous=False)
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError._NO_OFFSET:
-                    raise ConsumerError(f"committing offsets failed: {e.args[0].str()}") from None
+            _commit_stored(consumer)
     finally:
         if owner:  # also after a failure: what is durable is committed
             _commit(consumer, handler.durable())
         consumer.close()
         dead_letter.close()
     return stats
+
+
+def _commit_stored(consumer) -> None:
+    """Commit the offsets stored after handling (synchronously)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as e:
+        if e.args[0].code() != KafkaError._NO_OFFSET:
+            raise ConsumerError(f"committing offsets failed: {e.args[0].str()}") from None
 
 
 def _commit(consumer, offsets: list) -> None:
@@ -364,7 +405,8 @@ def _short(reason: str) -> str:
 MAX_MESSAGE_BYTES = 256 * 1024
 
 
-def _decode(m) -> tuple[Event | None, str]:
+def decode(m) -> tuple[Event | None, str]:
+    """A message as the loop sees it: (Event, "") or (None, why it is a poison message)."""
     stream = schemas.stream_of(m.topic())
     if stream is None:
         return None, f"unknown-topic: {m.topic()} is not an xdpwatch stream"

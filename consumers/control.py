@@ -19,6 +19,7 @@ import orjson
 
 from .. import schemas
 from .alert import alert_id as _alert_id
+from .base import crash_point
 from .errors import ConsumerError
 
 log = logging.getLogger(__name__)
@@ -234,27 +235,51 @@ class BlockOnAlert:
     crash) gives the same command. Beyond the budget no command is sent: a
     `block_budget_exhausted` alert goes to `raise_alert` instead, at most one per
     `cooldown_s` (wall clock); blocks refused in between are counted in `refused` and in the
-    next budget alert's message. `clock` is the wall clock (blocks' TTLs count from it)."""
+    next budget alert's message. `clock` is the wall clock (blocks' TTLs count from it).
+
+    After a restart or a rebalance, `remember` takes the control topic's recent commands:
+    a block already sent for an alert is not sent again (counted in `duplicates`), and the
+    budget is what those commands make it."""
 
     def __init__(self, sender: CommandSender, rules: set[str], ttl_s: int, budget: BlockBudget,
                  raise_alert: Callable[[dict], None], clock: Callable[[], float] = time.time,
                  cooldown_s: float = BUDGET_ALERT_COOLDOWN_S):
         self.sender, self.rules, self.ttl_s, self.budget = sender, rules, ttl_s, budget
         self.raise_alert, self.clock, self.cooldown_s = raise_alert, clock, cooldown_s
-        self.sent = self.refused = self.budget_alerts = 0
+        self.sent = self.refused = self.budget_alerts = self.duplicates = 0
         self._quiet_until, self._held = float("-inf"), 0
+        self._sent_ids: set[str] = set()  # command ids read back from the control topic
+
+    def remember(self, commands, budget_alerts_at: list[float] = ()) -> None:
+        """The control topic's recent commands, in order (schema-valid documents), and when
+        the recent block_budget_exhausted alerts were published (POSIX seconds): what this
+        rule sent before a restart. Replaces what was remembered."""
+        self.budget = BlockBudget(self.budget.rate, self.budget.max_active, self.budget.window_s)
+        self._sent_ids = set()
+        for doc in commands:
+            if doc["command"]["id"].startswith("alert-"):
+                self._sent_ids.add(doc["command"]["id"])
+            self.budget.record(doc)
+        for t in budget_alerts_at:
+            self._quiet_until = max(self._quiet_until, t + self.cooldown_s)
 
     def __call__(self, alert: dict) -> None:
         rule = alert["rule"]["name"]
         ip = alert.get("source", {}).get("ip")
         if rule not in self.rules or not ip:
             return
+        command_id = f"alert-{alert['event']['id']}"
+        if command_id in self._sent_ids:
+            self.duplicates += 1
+            log.info("block for alert %s was already sent (%s): not again", alert["event"]["id"], command_id)
+            return
         now = self.clock()
         why = self.budget.exhausted(now)
         if why is None:
             doc = command("block", ip, f"{AUTOMATIC}{rule}", ttl_s=self.ttl_s, reason=alert["message"][:1024],
-                          alert_id=alert["event"]["id"], command_id=f"alert-{alert['event']['id']}", now=now)
+                          alert_id=alert["event"]["id"], command_id=command_id, now=now)
             self.sender.send(doc)
+            crash_point("block-sent")
             self.budget.record(doc)
             self.sent += 1
             return

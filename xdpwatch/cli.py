@@ -266,7 +266,7 @@ def produce(
 
 def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix,
                     log_level, log_format, metrics_port, command, extra_metrics=lambda: {}, *,
-                    kafka_config=None, metrics_address="127.0.0.1"):
+                    kafka_config=None, metrics_address="127.0.0.1", gauges=lambda: {}):
     """What every consumer command shares: logging, metrics, Kafka config, dead-letter sink,
     stop event. Returns (consumer conf, producer conf, dead-letter sink, stop, loop stats)."""
     from .consumers.base import ConsumerMetrics, FileDeadLetter, KafkaDeadLetter, LoopStats, consumer_conf
@@ -280,7 +280,7 @@ def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, d
     conf = consumer_conf(bootstrap_servers, group_id, from_beginning, extra)
     stats = LoopStats()
     if metrics_port:
-        metrics = ConsumerMetrics(command, stats, extra_metrics)
+        metrics = ConsumerMetrics(command, stats, extra_metrics, gauges)
         conf.update({"stats_cb": metrics.on_stats, "statistics.interval.ms": 5000})
         serve_metrics(metrics_port, metrics, metrics_address)
     producer_conf = {"bootstrap.servers": bootstrap_servers, **extra}
@@ -332,6 +332,7 @@ def alert(
     is blocked in the kernel by producers that run with --enforce."""
     from .consumers.alert import DEFAULT_RULES, AlertHandler, AlertSink, load_rules
     from .consumers.base import run_loop
+    from .consumers.history import Reader
     from .consumers.errors import ConsumerError
 
     if print_default_rules:
@@ -346,7 +347,8 @@ def alert(
     blocker = None
 
     def extra_metrics() -> dict:
-        evicted = handler.detector.evicted if handler else {}
+        evicted = handler.evicted if handler else {}
+        rebuilt = handler.stats if handler else {}
         return {"alerts": ("Alerts raised", sink.count if sink else 0),
                 "block_commands": ("Block commands sent by --block-on", blocker.sent if blocker else 0),
                 "blocks_refused": ("Blocks --block-on did not send: its budget was spent",
@@ -356,28 +358,41 @@ def alert(
                 "alert_observers_evicted": ("Traffic baselines dropped at [limits] max_observers",
                                             evicted.get("observers", 0)),
                 "alert_cooldowns_evicted": ("Live cooldowns dropped at [limits] max_sources",
-                                            evicted.get("cooldowns", 0))}
+                                            evicted.get("cooldowns", 0)),
+                "alert_state_rebuilds": ("State rebuilds after a restart or rebalance", rebuilt.get("rebuilds", 0)),
+                "alert_events_reread": ("Events read again to rebuild state", rebuilt.get("events_reread", 0)),
+                "alert_duplicates_suppressed": ("Alerts not published again: already in the alerts topic",
+                                                rebuilt.get("alerts_suppressed", 0)),
+                "block_duplicates_suppressed": ("Block commands not sent again: already in the control topic",
+                                                blocker.duplicates if blocker else 0)}
 
     conf, producer_conf, dl, stop, stats = _consumer_setup(
         bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix, log_level, log_format,
-        metrics_port, "alert", extra_metrics, kafka_config=kafka_config, metrics_address=metrics_address)
+        metrics_port, "alert", extra_metrics, kafka_config=kafka_config, metrics_address=metrics_address,
+        gauges=lambda: {"alert_state_rebuild_seconds": ("Seconds the last state rebuild took",
+                                                        handler.stats["rebuild_seconds"] if handler else 0)})
     ttl_s = _duration(block_ttl, "--block-ttl")
     sink = AlertSink(output, producer_conf, f"{topic_prefix}.alerts")
+    control_topic = schemas.topic(topic_prefix, "control")
+    handler = AlertHandler(rules_cfg, sink, history=Reader(producer_conf),
+                           alerts_topic=f"{topic_prefix}.alerts" if output == "kafka" else None,
+                           control_topic=control_topic if block_on else None, from_beginning=from_beginning)
     if block_on:
         from .consumers.control import BlockBudget, BlockOnAlert, CommandSender
 
-        blocker = BlockOnAlert(CommandSender(producer_conf, schemas.topic(topic_prefix, "control")),
-                               set(block_on), ttl_s, BlockBudget(block_rate, block_max_active), sink.put)
+        blocker = handler.on_alert = BlockOnAlert(CommandSender(producer_conf, control_topic), set(block_on), ttl_s,
+                                                  BlockBudget(block_rate, block_max_active), handler.publish)
     topics = [f"{topic_prefix}.ssh-flows", f"{topic_prefix}.packet-counts"]
-    handler = AlertHandler(rules_cfg, sink, blocker)
     run_loop(conf, topics, handler, dl, stop, exit_when_idle, stats)
-    evicted = handler.detector.evicted
+    evicted, rebuilt = handler.evicted, handler.stats
     logging.getLogger("xdpwatch").info(
         "stopped: %d events handled, %d alerts, %d dead-lettered%s; evicted at the limits: %d sources, %d observers, "
-        "%d cooldowns", stats.handled, sink.count, stats.dead_lettered,
+        "%d cooldowns; %d state rebuilds (%d events read again), %d alerts and %d block commands already in Kafka "
+        "not sent again", stats.handled, sink.count, stats.dead_lettered,
         f", {blocker.sent} block commands, {blocker.refused} refused by the budget "
         f"({blocker.budget_alerts} block_budget_exhausted alerts)" if blocker else "",
-        evicted["sources"], evicted["observers"], evicted["cooldowns"])
+        evicted["sources"], evicted["observers"], evicted["cooldowns"], rebuilt["rebuilds"],
+        rebuilt["events_reread"], rebuilt["alerts_suppressed"], blocker.duplicates if blocker else 0)
 
 
 # ---------------------------------------------------------------------------- prevention

@@ -240,15 +240,15 @@ def test_cooldowns_are_pruned_when_they_end():
     for i in range(5000):
         d.on_event("ssh-flows", syn(T0 + i / 100, f"10.0.{i // 256}.{i % 256}", n=i))
     # 5000 alerts with a 5 s cooldown over 50 s: only those of the last few seconds are kept
-    assert ("ssh_syn_flood", "10.0.19.135") in d.cooldowns and ("ssh_syn_flood", "10.0.0.0") not in d.cooldowns
-    assert len(d.cooldowns) <= 2 * 500 + 1024 and d.evicted["cooldowns"] == 0
+    assert ("ssh_syn_flood", "10.0.19.135") in d.raised.times and ("ssh_syn_flood", "10.0.0.0") not in d.raised.times
+    assert len(d.raised.times) <= 2 * 500 + 1024 and d.evicted["cooldowns"] == 0
 
 
 def test_cooldowns_are_capped():
     d = Detector(load_rules("[ssh_syn_flood]\nthreshold = 1\n[limits]\nmax_sources = 100\n"), lambda a: None)
     for i in range(5000):
         d.on_event("ssh-flows", syn(T0 + i / 1000, f"10.0.{i // 256}.{i % 256}", n=i))
-    assert len(d.cooldowns) <= 2 * 100 + 1024 and d.evicted["cooldowns"] > 0
+    assert len(d.raised.times) <= 2 * 100 + 1024 and d.evicted["cooldowns"] > 0
 
 
 def test_observers_are_capped():
@@ -278,10 +278,10 @@ def test_feeding_without_emitting_moves_the_same_state():
     for stream, doc in ev:
         quiet.on_event(stream, doc, emit=False)
         loud.on_event(stream, doc)
-    assert quiet.cooldowns == loud.cooldowns == {("ssh_bruteforce", "203.0.113.9"): T0 + 9 + 300}
-    # ... and the cooldowns can be set from outside (e.g. from the alerts topic).
+    assert quiet.raised.times == loud.raised.times == {("ssh_bruteforce", "203.0.113.9"): [T0 + 9]}
+    # ... and raises can be told from outside (e.g. read back from the alerts topic).
     fresh = Detector(load_rules(""), lambda a: None)
-    fresh.cooldowns[("ssh_bruteforce", "203.0.113.9")] = T0 + 1000
+    fresh.raised.times[("ssh_bruteforce", "203.0.113.9")] = [T0 + 200]
     assert detect(ev, detector=fresh) == []
 
 
