@@ -85,7 +85,9 @@ class Reader:
         ends = {(t, p): end for t, p, start, end in ranges if end is None or start < 0 or start < end}
         if not ends:
             return
-        self._c.assign([TopicPartition(t, p, start) for t, p, start, _ in ranges if (t, p) in ends])
+        assigned = [TopicPartition(t, p, start) for t, p, start, _ in ranges if (t, p) in ends]
+        self._c.assign(assigned)
+        self._c.resume(assigned)  # librdkafka keeps a partition paused by an earlier read across assignments
 
         def done(key) -> None:  # stop fetching what is read
             del ends[key]

@@ -221,8 +221,12 @@ def committed(broker, group: str) -> dict[int, int]:
         c.close()
 
 
-def check_exactly_once(broker, tmp_path, stream: Stream, group: str) -> tuple[list[dict], list[dict]]:
-    wait_for(lambda: committed(broker, group) == stream.ends, 120, "the group to commit every offset", interval=1)
+def check_exactly_once(broker, tmp_path, stream: Stream, group: str, *procs) -> tuple[list[dict], list[dict]]:
+    try:
+        wait_for(lambda: committed(broker, group) == stream.ends, 120, "the group to commit every offset", interval=1)
+    except AssertionError:
+        raise AssertionError(f"committed {committed(broker, group)}, ends {stream.ends}\n"
+                             + "\n---\n".join(p.stderr for p in procs)) from None
     alerts, commands = published(broker), [d["command"] for d in published(broker, CONTROL)]
     ref = reference(broker, tmp_path, "--rules", str(tmp_path / "rules.toml"))
     assert ids(alerts) == ids(ref) and max(ids(alerts).values()) == 1
@@ -276,3 +280,32 @@ def test_kill_9_at_any_moment_leaves_each_alert_and_block_once(broker_factory, t
     print(f"\n[exactly once] {len(stream.events)} events over {seconds}s, 7 kill -9: {len(alerts)} alerts and "
           f"{len(commands)} block commands, each once and as an uninterrupted run ({suppressed} alerts and "
           f"{not_resent} commands found already published after a kill)")
+
+
+def test_two_consumers_of_a_group_one_killed_the_other_takes_over_exactly(broker_factory, tmp_path):
+    """Two alert consumers share the 3 partitions of a stream of attacks; one is killed with
+    SIGKILL mid-stream: the other takes its partitions over (after the group notices), rebuilds
+    their state from the last committed offsets, and the alerts and blocks are those of an
+    uninterrupted run, each once."""
+    broker = broker_factory()
+    create_topics(broker)
+    (tmp_path / "rules.toml").write_text(RULES)
+    seconds = 60
+    stream = Stream(broker, attacks(seconds))
+    args = ("--rules", str(tmp_path / "rules.toml"), "--block-on", "ssh_bruteforce", "--block-on", "ssh_scan",
+            "--block-ttl", "1h", "--block-rate", "100000", "--block-max-active", "100000")
+    with Alert(broker, tmp_path, "pair", *args) as a, Alert(broker, tmp_path, "pair", *args) as b:
+        started, killed = time.monotonic(), False
+        while stream.step():
+            if not killed and time.monotonic() - started > 0.4 * seconds:
+                assert a.handled() > 0 and b.handled() > 0, "both consumers had partitions"
+                a.proc.kill()
+                a.proc.wait()
+                killed = True
+            time.sleep(0.02)
+        alerts, commands = check_exactly_once(broker, tmp_path, stream, "pair", b)
+        assert b.stop() == 0, b.stderr
+    taken_over = b.stderr.count("rebuilt the state of")
+    assert taken_over >= 2  # its first assignment, and the partitions of the killed one
+    print(f"\n[exactly once] two consumers, one killed at {0.4 * seconds:.0f}s of {seconds}s: {len(alerts)} alerts "
+          f"and {len(commands)} block commands, each once and as an uninterrupted run")
