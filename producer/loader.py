@@ -229,6 +229,14 @@ class Attachment:
         self.iface = iface
         self.ifindex = ifindex_of(iface)
         _clear_stale(self.ifindex, iface)
+        self.link_fd = self.egress_fd = -1
+        # Egress first: a handshake's SYN-ACK leaves there, and one that left before the hook
+        # was in place would leave the flow's handshake unverified for good.
+        if egress:
+            self._attach_egress(prog)
+        else:
+            log.warning("no egress hook on %s (--no-egress): SSH flows count only what arrives, and no handshake "
+                        "can be verified, so the rules that can block see no connection from it", iface)
         errors = []
         for flags in XDP_MODES[mode]:
             try:
@@ -236,18 +244,18 @@ class Attachment:
                 self.mode = MODE_NAMES[flags]
                 break
             except OSError as e:
+                if e.errno in (errno.EPERM, errno.EBUSY):
+                    self.detach()
                 if e.errno == errno.EPERM:
                     raise PrivilegeError(f"not allowed to attach XDP to {iface}: {PERMISSION_HINT}") from None
                 if e.errno == errno.EBUSY:
                     raise AttachError(_occupied_message(self.ifindex, iface)) from None
                 errors.append(f"{MODE_NAMES[flags]}: {e.strerror}")
         else:
+            self.detach()
             hint = " (try --xdp-mode generic)" if mode == "native" else ""
             raise AttachError(f"cannot attach XDP to {iface}: {'; '.join(errors)}{hint}")
         log.info("attached XDP program to %s (ifindex %d) in %s mode", iface, self.ifindex, self.mode)
-        self.egress_fd = -1
-        if egress:
-            self._attach_egress(prog)
 
     def _attach_egress(self, prog: XdpProgram) -> None:
         """The other direction of SSH flows, where the kernel can (TCX, Linux >= 6.6). Not
@@ -259,8 +267,8 @@ class Attachment:
         try:
             self.egress_fd = libbpf.tcx_egress_link_create(prog.egress_fd, self.ifindex)
         except OSError as e:
-            log.warning("SSH flows on %s count only what arrives (no TCX egress hook here: %s; needs Linux >= 6.6)",
-                        self.iface, e.strerror)
+            log.warning("SSH flows on %s count only what arrives, and no handshake can be verified (no TCX egress "
+                        "hook here: %s; needs Linux >= 6.6)", self.iface, e.strerror)
             return
         log.info("attached the egress program to %s (TCX): SSH flows count both directions", self.iface)
 

@@ -30,7 +30,8 @@ def test_quick_bench_produces_every_figure(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((tmp_path / "latest.json").read_text())
-    for part in ("xdp_cost", "events_to_kafka", "counters", "archive_replay", "memory", "scaling", "alert_state"):
+    for part in ("xdp_cost", "events_to_kafka", "counters", "archive_replay", "memory", "scaling", "restore",
+                 "alert_state"):
         assert result[part], part
     missing = [p for p, v in leaves(result) if v is None or v == ""]
     assert missing == [], missing
@@ -39,6 +40,7 @@ def test_quick_bench_produces_every_figure(tmp_path):
     assert e["loss_at_max_rate"]["ring_identity_holds"] and e["loss_at_max_rate"]["nothing_lost"]
     assert result["archive_replay"]["archiver"]["lines"] == result["archive_replay"]["messages"]
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
-    assert "1. XDP cost per packet" in r.stdout and "6. Scaling" in r.stdout and "7. Alert consumer" in r.stdout
+    for title in ("1. XDP cost per packet", "6. Scaling", "7. Restore of the control topic", "8. Alert consumer"):
+        assert title in r.stdout, title
     a = result["alert_state"]  # 20,000 sources, 2 events each, all handled; under the cap: none evicted
     assert a["events"] == 40_000 and a["sources_evicted"] == 0
