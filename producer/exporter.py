@@ -40,6 +40,7 @@ class DeliveryStats:
     failed: int = 0
     spooled: int = 0    # waiting in the on-disk spool (sent by a later turn or run)
     dropped: int = 0    # neither queued nor spooled: queue and spool full, or no spool
+    already_in_kafka: int = 0  # spooled by an earlier run, found in Kafka at start: not sent again
 
     @property
     def pending(self) -> int:
@@ -77,16 +78,43 @@ class KafkaExporter:
         self._last_error_log = self._last_drop_log = 0.0
         self._purged_codes = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
         self._unpolled = 0  # produces since the last poll
+        self._in_kafka: set[str] = set()  # ids of spooled events found in Kafka at start
         try:
             self._producer = Producer(self.conf, logger=logging.getLogger("librdkafka"))
         except KafkaException as e:
             raise ConfigError(f"invalid Kafka setting: {e.args[0].str()}") from None
 
     def use_spool(self, spool: Spool) -> None:
-        """Overflow to `spool` from now on; what an earlier run left there is sent first."""
+        """Overflow to `spool` from now on; what an earlier run left there is sent first,
+        except what is in Kafka already (call after ensure_topics: the broker answers)."""
         self.spool = spool
         if len(spool):
             log.warning("spool %s holds %d events from an earlier run: sending them first", spool.dir, len(spool))
+            self._in_kafka = self._delivered_before(spool.head())
+
+    def _delivered_before(self, records: list) -> set[str]:
+        """The event ids among `records` (the spool's first segment: what an earlier run may
+        have handed to Kafka without getting its acknowledgement back) that Kafka holds:
+        read back from their topics, every partition, from the oldest @timestamp among them
+        (a message is produced after its event happened) to the end."""
+        import orjson
+
+        wanted, since = set(), float("inf")
+        for stream, _key, value in records:
+            try:
+                doc = orjson.loads(value)
+                wanted.add(doc["event"]["id"])
+                since = min(since, schemas.timestamp_s(doc["@timestamp"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # sent as it is: what cannot be read cannot be matched
+        if not wanted:
+            return set()
+        started = time.monotonic()
+        topics = sorted({self.topics[s] for s, _, _ in records if s in self.topics})
+        found = read_back_ids(self.conf, topics, wanted, since - READ_BACK_MARGIN_S)
+        log.info("spool: %d of the %d events an earlier run had handed to Kafka without an answer are in Kafka "
+                 "already: not sent again (checked in %.1fs)", len(found), len(wanted), time.monotonic() - started)
+        return found
 
     def ensure_topics(self, partitions: int, replication: int, timeout: float = 15.0,
                       single_partition: tuple[str, ...] = ()) -> None:
@@ -190,6 +218,9 @@ class KafkaExporter:
             if record[0] not in self.topics:  # not written by this program
                 log.error("spool %s: skipped a record of unknown stream %r", spool.dir, record[0])
                 self.stats.dropped += 1
+            elif self._in_kafka and _event_id(record[2]) in self._in_kafka:
+                self._in_kafka.discard(_event_id(record[2]))
+                self.stats.already_in_kafka += 1
             elif not self._produce(*record):
                 break
             spool.pop()
@@ -210,8 +241,8 @@ class KafkaExporter:
 
     def close(self, timeout: float) -> DeliveryStats:
         """Send what is queued and spooled for at most `timeout` s. With a spool, what Kafka
-        did not take by then is written back to it for the next run (an event whose
-        acknowledgement was lost in flight may then be sent twice: same event.id)."""
+        did not take by then is written back to its head for the next run, which first looks
+        in Kafka for those whose acknowledgement was lost (use_spool)."""
         deadline = time.monotonic() + timeout
         spool = self.spool
         while spool is not None and len(spool) and time.monotonic() < deadline:
@@ -223,7 +254,10 @@ class KafkaExporter:
             # to _on_delivery) into the front of the spool.
             self._returned = []
             self._producer.purge()
-            self._producer.poll(0)
+            # Messages in flight come back asynchronously: serve reports until every one did.
+            returned_by = time.monotonic() + 10
+            while len(self._producer) and time.monotonic() < returned_by:
+                self._producer.poll(0.05)
             self.stats.produced -= spool.prepend(self._returned)
             self._returned = None
             self.stats.delivered = self.stats.produced - self.stats.failed
@@ -236,6 +270,94 @@ class KafkaExporter:
         if remaining:
             log.error("%d events still undelivered after %.0fs", remaining, timeout)
         return self.stats
+
+
+# Hosts' clocks may differ, and a record's timestamp is when it was produced: reading back
+# starts this much before the oldest event.
+READ_BACK_MARGIN_S = 60.0
+
+
+def _event_id(value: bytes) -> str | None:
+    import orjson
+
+    try:
+        return orjson.loads(value)["event"]["id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def read_back_ids(conf: dict, topics: list[str], wanted: set[str], since_s: float,
+                  stall_timeout: float = 30.0) -> set[str]:
+    """The ids of `wanted` that are the event.id of a message of `topics` produced at
+    `since_s` or later: every partition read from there (a time lookup, checked: a broker
+    that does not index by time is read from the beginning) to its end (the fetch's
+    end-of-partition, never a ListOffsets answer: the test broker's is too low)."""
+    import os
+
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+    client = {k: v for k, v in conf.items() if k not in KAFKA_DEFAULTS and k not in ("client.id", "error_cb")}
+    c = Consumer({**client, "group.id": f"xdpwatch-spool-check-{os.getpid()}", "enable.auto.commit": False,
+                  "enable.partition.eof": True, "fetch.wait.max.ms": 50}, logger=logging.getLogger("librdkafka"))
+    prefixes = {i.rsplit("-", 1)[0].encode() for i in wanted}  # one per producer run: a cheap first filter
+    found: set[str] = set()
+    try:
+        try:
+            meta = c.list_topics(timeout=15).topics
+            tps = [TopicPartition(t, p, int(since_s * 1000)) for t in topics if t in meta
+                   for p in meta[t].partitions]
+            starts = c.offsets_for_times(tps, timeout=15) if tps else []
+        except KafkaException as e:
+            raise BrokerError(f"cannot read back {', '.join(topics)} to check the spool: {e.args[0].str()}") from None
+        starts = _checked(c, starts, since_s * 1000, stall_timeout)
+        c.assign(starts)
+        behind = {(tp.topic, tp.partition) for tp in starts}
+        last_progress = time.monotonic()
+        while behind:
+            for m in c.consume(1000, 0.2):
+                key = (m.topic(), m.partition())
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        behind.discard(key)
+                        last_progress = time.monotonic()
+                    continue
+                last_progress = time.monotonic()
+                value = m.value()
+                if value and any(p in value for p in prefixes):
+                    eid = _event_id(value)
+                    if eid in wanted:
+                        found.add(eid)
+            if behind and time.monotonic() - last_progress > stall_timeout:
+                raise BrokerError(f"reading back {', '.join(topics)} to check the spool stalled for {stall_timeout:.0f}s; "
+                                  "is the broker up?")
+    finally:
+        c.close()
+    return found
+
+
+def _checked(c, starts: list, since_ms: float, timeout: float) -> list:
+    """`starts` from a time lookup, each kept only if the message before it is older than
+    asked (a broker that does not index by time answers anything: Tansu 0.6 does), else the
+    partition's beginning."""
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+    probes = [TopicPartition(tp.topic, tp.partition, tp.offset - 1) for tp in starts
+              if tp.error is None and tp.offset > 0]
+    trusted = set()
+    if probes:
+        c.assign(probes)
+        pending, deadline = {(p.topic, p.partition) for p in probes}, time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for m in c.consume(100, 0.2):
+                key = (m.topic(), m.partition())
+                if key in pending and (m.error() is None or m.error().code() == KafkaError._PARTITION_EOF):
+                    pending.discard(key)
+                    if m.error() is None and m.timestamp()[1] < since_ms:
+                        trusted.add(key)
+        c.unassign()
+    return [tp if (tp.topic, tp.partition) in trusted else TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)
+            for tp in starts]
 
 
 class StdoutExporter:

@@ -56,7 +56,9 @@ class ProducerMetrics:
         for name, value, text in (("produced", d.produced, "Events handed to Kafka"),
                                   ("delivered", d.delivered, "Events acknowledged by Kafka"),
                                   ("failed", d.failed, "Events Kafka refused or that timed out"),
-                                  ("dropped", d.dropped, "Events lost: Kafka's local queue and the spool were full")):
+                                  ("dropped", d.dropped, "Events lost: Kafka's local queue and the spool were full"),
+                                  ("already_in_kafka", d.already_in_kafka,
+                                   "Spooled events an earlier run had handed over, found in Kafka: not sent again")):
             yield _one(CounterMetricFamily, f"xdpwatch_events_{name}", text, iface, value)
         yield _one(GaugeMetricFamily, "xdpwatch_events_spooled", "Events waiting in the on-disk spool", iface, d.spooled)
 

@@ -142,6 +142,25 @@ class Spool:
             self._fd = self._writer_path = None
 
     # ---------------------------------------------------------------- reading
+    def head(self) -> list[Record]:
+        """The records of the first segment, without taking them: the only ones an earlier
+        run may have handed to Kafka already. A stop writes what Kafka had not acknowledged
+        there (its acknowledgement may have been lost), and a crash leaves the segment it was
+        sending from first; what follows was never handed over."""
+        if not self._segments or self._reader is not None:
+            return []
+        out = []
+        with open(self._segments[0], "rb", opener=_private) as f:
+            saved = (self._next, self._next_pos, self._bad_stream_seen, self._bad_header, self._count, self.corrupt)
+            self._reader = f
+            try:
+                while (record := self._read_one()) is not None:
+                    out.append(record)
+            finally:
+                self._reader = None
+                self._next, self._next_pos, self._bad_stream_seen, self._bad_header, self._count, self.corrupt = saved
+        return out
+
     def peek(self) -> Record | None:
         """The oldest event, or None when the spool is empty; `pop` removes it."""
         while self._next is None and self._count and self._segments:

@@ -252,9 +252,9 @@ def produce(
     d = summary.delivery
     logging.getLogger("xdpwatch").info(
         "stopped: %d packets, %d SSH flows (%d evicted), %d ring-buffer drops; events produced %d, "
-        "delivered %d, failed %d, undelivered %d, spooled %d, dropped %d",
+        "delivered %d, failed %d, undelivered %d, spooled %d, dropped %d, already in Kafka %d",
         summary.packets, summary.flows_started, summary.flows_evicted, summary.ringbuf_drops,
-        d.produced, d.delivered, d.failed, d.pending, d.spooled, d.dropped)
+        d.produced, d.delivered, d.failed, d.pending, d.spooled, d.dropped, d.already_in_kafka)
     lost = d.failed + d.pending + d.dropped
     if lost:
         raise DeliveryError(f"{lost} of {d.produced + d.dropped} events were not delivered to Kafka "

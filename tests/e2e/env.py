@@ -230,3 +230,66 @@ class WireTap:
 
     def close(self) -> None:
         self._listener.close()
+
+
+class Front:
+    """A TCP relay on 127.0.0.1:`port` in front of a broker port (`target`, set once the broker
+    runs; start the broker with advertise=front.port so every connection comes through here).
+    `mute()` swallows what the broker answers while its requests still reach it: produce
+    requests are stored, their acknowledgements lost, as when a broker goes away mid-request;
+    `unmute()` lets answers through again (connections muted meanwhile are cut)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.target: int | None = None
+        self.muted = False
+        self._conns: list = []
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            self._conns.append((client, up))
+            for src, dst, answers in ((client, up, False), (up, client, True)):
+                threading.Thread(target=self._pipe, args=(src, dst, answers), daemon=True).start()
+
+    def _pipe(self, src, dst, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not (answers and self.muted):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def mute(self) -> None:
+        self.muted = True
+
+    def unmute(self) -> None:
+        """Answers flow again; connections that lost answers are closed (their clients reconnect)."""
+        conns, self._conns = self._conns, []
+        for client, up in conns:
+            for s in (client, up):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.muted = False
+
+    def close(self) -> None:
+        self._listener.close()
+        self.unmute()
