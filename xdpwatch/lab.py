@@ -83,11 +83,12 @@ class Broker:
     record's value against the JSON Schema of its topic and refuses invalid ones."""
 
     def __init__(self, value_schemas: dict[str, dict] | None = None, durable: bool = False,
-                 advertise: int | None = None):
-        """`advertise`: the port clients are told to use (a proxy in front), if not ours."""
+                 advertise: int | None = None, port: int | None = None):
+        """`advertise`: the port clients are told to use (a proxy in front), if not ours;
+        `port`: ours, if chosen already (the proxy's target)."""
         if not TANSU.exists():
             raise LabError(f"{TANSU} missing: run `make setup`")
-        self.port = free_port()
+        self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="xw-broker-"))
         self.argv = [str(TANSU), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",

@@ -233,15 +233,14 @@ class WireTap:
 
 
 class Front:
-    """A TCP relay on 127.0.0.1:`port` in front of a broker port (`target`, set once the broker
-    runs; start the broker with advertise=front.port so every connection comes through here).
+    """A TCP relay on 127.0.0.1:`port` in front of the broker port `target` (start the broker
+    on it with advertise=front.port, so that every connection comes through here).
     `mute()` swallows what the broker answers while its requests still reach it: produce
     requests are stored, their acknowledgements lost, as when a broker goes away mid-request;
     `unmute()` lets answers through again (connections muted meanwhile are cut)."""
 
     def __init__(self):
-        self.port = free_port()
-        self.target: int | None = None
+        self.port, self.target = free_port(), free_port()
         self.muted = False
         self._conns: list = []
         self._listener = socket.create_server(("127.0.0.1", self.port))
