@@ -15,6 +15,7 @@ import datetime as dt
 import os
 import platform
 import pstats
+import re
 import socket
 import statistics
 import struct
@@ -27,17 +28,18 @@ from pathlib import Path
 
 import orjson
 
-from xdpwatch import __version__
+from xdpwatch import __version__, schemas
 from xdpwatch.consumers.archive import Archiver
 from xdpwatch.consumers.base import LoopStats, consumer_conf, run_loop
 from xdpwatch.consumers.replay import Filters, ReplayStats, replay, select_inputs
-from xdpwatch.lab import Broker, Net, sh, wait_for
+from xdpwatch.lab import Broker, Net, free_port, scrape, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
 from xdpwatch.producer.loader import BpfConfig, XdpProgram
-from xdpwatch.producer.spool import Spool
+from xdpwatch.producer.events import Clock
 from xdpwatch.producer.pipeline import ProduceConfig, _Run
+from xdpwatch.producer.spool import Spool
 from xdpwatch.producer.records import CounterId
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -403,6 +405,58 @@ def read_back(bootstrap: str, topic: str, n: int) -> list[tuple[bytes, bytes]]:
     return out[:n]
 
 
+def produce_all(bootstrap: str, topic: str, messages, conf: dict | None = None, partitions: int = 3) -> None:
+    """Create `topic` and put every (key, value) of `messages` in it, with the producer's Kafka
+    settings (`conf` overrides some); RuntimeError unless the broker acknowledged them all."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(15)
+    p = Producer({"bootstrap.servers": bootstrap, **KAFKA_DEFAULTS, **(conf or {})})
+    for i, (key, value) in enumerate(messages):
+        while True:
+            try:
+                p.produce(topic, value, key)
+                break
+            except BufferError:
+                p.poll(0.01)
+        if i % 1000 == 0:
+            p.poll(0)
+    if p.flush(120):
+        raise RuntimeError(f"bench: the broker did not take every message of {topic}")
+
+
+def bare_consume(bootstrap: str, topic: str, each=None) -> dict:
+    """The ceiling of a consumer: confluent-kafka reading every partition of `topic` from its
+    beginning to its end (assign, enable.partition.eof; fetch.wait.max.ms 50 as the read backs
+    use), calling `each(value)` on every message and nothing else. `seconds`: from the
+    consumer's creation to the last end of partition; `events_per_s`: from the first message."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    t0 = time.perf_counter()
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-bare-consume", "enable.auto.commit": False,
+                  "enable.partition.eof": True, "fetch.wait.max.ms": 50})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    behind, n, first = set(parts), 0, None
+    deadline = time.monotonic() + 600
+    while behind and time.monotonic() < deadline:
+        for m in c.consume(1000, 0.2):
+            if m.error() is None:
+                first = first or time.perf_counter()
+                if each is not None:
+                    each(m.value())
+                n += 1
+            elif m.error().code() == KafkaError._PARTITION_EOF:
+                behind.discard(m.partition())
+    end = time.perf_counter()
+    c.close()
+    if behind:
+        raise RuntimeError(f"bench: {topic} was not read to its end in 600 s")
+    return {"messages": n, "seconds": round(end - t0, 3), "events_per_s": round(n / (end - (first or t0)))}
+
+
 # ----------------------------------------------------------------------------- 3. counters, CPU
 def counters_and_cpu(broker: Broker, quick: bool) -> dict:
     prog = XdpProgram(BpfConfig())
@@ -647,64 +701,97 @@ def alert_sources(broker: Broker, quick: bool, n: int | None = None, extra: tupl
     rule's window at once, n/100,000 times the default cap on tracked sources. The events wait
     in Kafka before it starts; events/s from its first to its last message handled (metrics,
     every 0.2 s), RSS from /proc before its first message and at its highest."""
-    from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    from xdpwatch.lab import free_port, scrape
-
     n = n or (20_000 if quick else 1_000_000)
-    topic = "bench-alert.ssh-flows"
-    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    admin.create_topics([NewTopic(topic, 3, 1)])[topic].result(15)
     parts, ips = handshake_flows(n)
     # Uncompressed: these differ only in IP and id and compress 140x (real flow events: 12x),
     # and librdkafka's prefetch limit counts compressed bytes (README: Raise alerts).
-    p = Producer({"bootstrap.servers": broker.bootstrap, **KAFKA_DEFAULTS, "compression.type": "none"})
-    for i, ip in enumerate(ips):
-        for head, middle, tail in parts:
-            while True:
-                try:
-                    p.produce(topic, b"".join((head, b"b%d" % i, middle, ip, tail)), ip)
-                    break
-                except BufferError:
-                    p.poll(0.01)
-        p.poll(0)
-    if p.flush(120):
-        raise RuntimeError("the broker did not take the alert benchmark's events")
-    port = free_port()
-    handled = 'xdpwatch_consumer_messages_total{command="alert",outcome="handled"}'
+    produce_all(broker.bootstrap, "bench-alert.ssh-flows",
+                ((ip, b"".join((head, b"b%d" % i, middle, ip, tail))) for i, ip in enumerate(ips)
+                 for head, middle, tail in parts), {"compression.type": "none"})
     with tempfile.TemporaryDirectory(prefix="xw-bench-alert-") as d:
-        proc = subprocess.Popen([XDPWATCH, "alert", "--bootstrap-servers", broker.bootstrap, "--topic-prefix",
-                                 "bench-alert", "--from-beginning", "--group-id", "bench-alert", "--output",
-                                 f"{d}/alerts.jsonl", "--dead-letter", f"{d}/dead.jsonl", "--metrics-port", str(port),
-                                 "-X", "session.timeout.ms=6000", *extra],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        alert = AlertUnderTest(broker, "bench-alert", "bench-alert", d, "--output", f"{d}/alerts.jsonl", *extra)
         try:
-            m = wait_for(lambda: scrape(port) or proc.poll() is not None, 60, "the alert consumer's metrics")
-            rss_start = proc_rss_mb(proc.pid)  # joining the group takes seconds: nothing handled yet
-            if m is True or m.get(handled, 0):
-                raise RuntimeError("the alert consumer exited or had started consuming before its first RSS sample")
-            samples = []  # (monotonic time, handled, RSS MB)
-            deadline = time.monotonic() + 900
-            while time.monotonic() < deadline and proc.poll() is None:
-                m = scrape(port)
-                samples.append((time.monotonic(), m.get(handled, 0), proc_rss_mb(proc.pid)))
-                if samples[-1][1] >= 2 * n:
-                    break
-                time.sleep(0.2)
-            evicted = m.get('xdpwatch_alert_sources_evicted_total{command="alert"}')
+            m = alert.wait_metrics()
+            rss_start = proc_rss_mb(alert.proc.pid)  # joining the group takes seconds: nothing handled yet
+            if m.get(alert.HANDLED, 0):
+                raise RuntimeError("the alert consumer had started consuming before its first RSS sample")
+            samples = alert.watch(2 * n)
+            evicted = alert.metrics().get('xdpwatch_alert_sources_evicted_total{command="alert"}')
         finally:
-            proc.terminate()
-            _, err = proc.communicate(timeout=120)
-    if not samples or samples[-1][1] < 2 * n:
-        raise RuntimeError(f"the alert consumer handled {samples[-1][1] if samples else 0:.0f} of {2 * n} "
-                           f"events:\n{err[-2000:]}")
-    first = next(s for s in samples if s[1] > 0)
+            alert.stop()
     last = samples[-1]
-    return {"sources": n, "events": 2 * n,
-            "events_per_s": round((last[1] - first[1]) / max(last[0] - first[0], 0.2)),
+    return {"sources": n, "events": 2 * n, "events_per_s": handled_rate(samples),
             "rss_mb_start": round(rss_start, 1), "rss_mb_max": round(max(s[2] for s in samples), 1),
             "rss_mb_end": round(last[2], 1), "sources_evicted": evicted}
+
+
+class AlertUnderTest:
+    """`xdpwatch alert` as a user runs it, on PREFIX's topics from their beginning in `group`
+    (a subprocess, dead letters to a file in `d`, a short session timeout: the group join takes
+    half of it), with its metrics port; its stderr lines, each with the monotonic time it
+    arrived, in `log`."""
+
+    HANDLED = 'xdpwatch_consumer_messages_total{command="alert",outcome="handled"}'
+
+    def __init__(self, broker: Broker, prefix: str, group: str, d: str, *extra: str):
+        self.port = free_port()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([XDPWATCH, "alert", "--bootstrap-servers", broker.bootstrap, "--topic-prefix", prefix,
+                                      "--from-beginning", "--group-id", group, "--dead-letter", f"{d}/dead.jsonl",
+                                      "--metrics-port", str(self.port), "-X", "session.timeout.ms=6000", *extra],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log: list[tuple[float, str]] = []
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append((time.monotonic(), line))
+
+    def metrics(self) -> dict:
+        return scrape(self.port)
+
+    def wait_metrics(self) -> dict:
+        m = wait_for(lambda: self.metrics() or self.proc.poll() is not None, 60, "the alert consumer's metrics")
+        if m is True:
+            raise RuntimeError(f"the alert consumer exited:\n{self.stderr()[-2000:]}")
+        return m
+
+    def watch(self, n: int, timeout: float = 900) -> list[tuple[float, float, float]]:
+        """(monotonic time, messages handled, RSS MB) every 0.2 s until `n` are handled."""
+        samples = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            samples.append((time.monotonic(), self.metrics().get(self.HANDLED, 0), proc_rss_mb(self.proc.pid)))
+            if samples[-1][1] >= n:
+                return samples
+            time.sleep(0.2)
+        raise RuntimeError(f"the alert consumer handled {samples[-1][1] if samples else 0:.0f} of {n} events:\n"
+                           f"{self.stderr()[-2000:]}")
+
+    def wait_line(self, pattern: re.Pattern, timeout: float) -> tuple[float, re.Match]:
+        """When the first stderr line matching `pattern` arrived, and its match."""
+        def seen():
+            found = next(((t, m) for t, line in self.log if (m := pattern.search(line))), None)
+            return found or self.proc.poll() is not None
+
+        found = wait_for(seen, timeout, f"a log line matching {pattern.pattern!r}")
+        if found is True:
+            raise RuntimeError(f"the alert consumer exited:\n{self.stderr()[-2000:]}")
+        return found
+
+    def stderr(self) -> str:
+        return "".join(line for _, line in self.log)
+
+    def stop(self) -> None:
+        """SIGTERM: it commits what it handled and exits."""
+        self.proc.terminate()
+        self.proc.wait(120)
+
+
+def handled_rate(samples: list[tuple[float, float, float]]) -> int:
+    """Messages handled per second, from the first sample that saw any handled to the last."""
+    first, last = next(s for s in samples if s[1] > 0), samples[-1]
+    return round((last[1] - first[1]) / max(last[0] - first[0], 0.2))
 
 
 def proc_rss_mb(pid: int) -> float:
@@ -775,23 +862,9 @@ def restore_at_start(broker: Broker, quick: bool) -> dict:
     """What a producer does at start with a long control topic: read it through the real
     ControlReader and restore it into the real program's maps (in a child process, so that
     its peak RSS is its own)."""
-    from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
-
     n = 20_000 if quick else 1_000_000
     topic = f"bench-restore-{n}.control"
-    admin = AdminClient({"bootstrap.servers": broker.bootstrap})  # kept: its futures need it alive
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(15)
-    p = Producer({"bootstrap.servers": broker.bootstrap, **KAFKA_DEFAULTS, "linger.ms": 50})
-    for key, value in control_history(n):
-        while True:
-            try:
-                p.produce(topic, value, key)
-                break
-            except BufferError:
-                p.poll(0.05)
-    if p.flush(120):
-        raise RuntimeError("bench: the control history was not all acknowledged")
+    produce_all(broker.bootstrap, topic, control_history(n), {"linger.ms": 50}, partitions=1)
     r = subprocess.run([sys.executable, __file__, "--restore-child", broker.bootstrap, topic],
                        capture_output=True, text=True, timeout=1800)
     if r.returncode:
@@ -829,6 +902,169 @@ def restore_child(bootstrap: str, topic: str) -> dict:
             "restore_per_s": round(stats.commands / restore_s), "blocks_applied": stats.applied,
             "refused": stats.refused, "rss_mb_program_loaded": round(loaded_mb),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+# ----------------------------------------------------------------------------- 9-11. exactly once
+# The server's payload sizes in a key login and in 3 refused passwords (OpenSSH 9.2, measured in
+# the lab: tests/unit/test_events.py).
+KEY_LOGIN = [41, 1088, 1564, 44, 52, 100, 28, 264, 192, 72, 124]
+WRONG_PASSWORDS = [41, 1088, 1564, 44, 52, 52, 52, 52]
+
+
+class WallClock(Clock):
+    """For shaping made-up flows: their times are wall-clock ns already."""
+
+    def wall_ns(self, mono_ns: int) -> int:
+        return mono_ns
+
+
+def flow_traffic(n: int, sources: int = 1000, attackers: int = 10) -> list[tuple[bytes, bytes]]:
+    """n (key, value) messages of an ssh-flows topic, shaped by the producer's EventShaper (one
+    run: one event-id prefix): connections, each a flow_start, a flow_established and a
+    flow_end (fin, both banners, ssh.auth), from `sources` client addresses in turn, each
+    connecting every 10 s of event time, the last one ending now. `attackers` of the sources
+    get 3 passwords refused per connection (one ssh_auth_failures alert per source and
+    cooldown); the others log in with a key. No other rule fires."""
+    from xdpwatch.producer.events import EventShaper
+    from xdpwatch.producer.flows import FlowReport
+    from xdpwatch.producer.records import DIR_TO_CLIENT, DIR_TO_SERVER, FlowKey, FlowValue, Handshake
+
+    shaper = EventShaper("bench", WallClock(), hostname="bench")
+    banners = {DIR_TO_SERVER: b"SSH-2.0-OpenSSH_9.6\r\n", DIR_TO_CLIENT: b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"}
+    connections, step = n // 3 + 1, 10 * 10**9 // sources
+    t0 = time.time_ns() - connections * step - 2 * 10**9
+    out = []
+    for i in range(connections):
+        s, t = i % sources, t0 + i * step
+        k = FlowKey(family=4, proto=6, client_port=1024 + i % 60000, server_port=22)
+        k.client_addr[:4], k.server_addr[:4] = [10, 1, s >> 8, s & 255], list(SERVER_IP)
+        sizes = WRONG_PASSWORDS if s < attackers else KEY_LOGIN
+        end = FlowValue(first_ns=t, last_ns=t + 2 * 10**9, packets=40, bytes=7000, to_client_packets=18,
+                        to_client_bytes=4200, tcp_flags=0x1B, directions=1, handshake=Handshake.COMPLETE,
+                        nsizes=len(sizes))
+        end.server_sizes[:len(sizes)] = sizes
+        for r in (FlowReport("flow_start", None, k, FlowValue(first_ns=t, last_ns=t, packets=1, bytes=74, tcp_flags=SYN,
+                                                              directions=1, handshake=Handshake.SYN)),
+                  FlowReport("flow_established", None, k, FlowValue(first_ns=t, last_ns=t + 10**6, packets=3, bytes=206,
+                                                                    tcp_flags=SYN | ACK, directions=1,
+                                                                    handshake=Handshake.COMPLETE)),
+                  FlowReport("flow_end", "fin", k, end, banners)):
+            doc = shaper.flow(r)
+            out.append((schemas.key_of("ssh-flows", doc), orjson.dumps(doc)))
+    return out[:n]
+
+
+def spool_check(broker: Broker, quick: bool) -> dict:
+    """Issue 14's start check of the producer: a spool whose first segment holds n events (as a
+    stop writes back what Kafka had not acknowledged), half of them the last n/2 messages of a
+    3-partition topic of m: `KafkaExporter.use_spool` reads the topic back and must find
+    exactly those. Against a bare consumer reading the same m messages."""
+    n, m = (2_000, 20_000) if quick else (30_000, 300_000)
+    prefix = f"bench-spool-{m}"
+    messages = flow_traffic(m + n // 2)
+    produce_all(broker.bootstrap, f"{prefix}.ssh-flows", messages[:m])
+    with tempfile.TemporaryDirectory(prefix="xw-bench-spool-") as d:
+        Spool(Path(d), 1 << 30).prepend([("ssh-flows", k, v) for k, v in messages[m - n // 2:]])
+        spool = Spool(Path(d), 1 << 30)  # as the next run opens it
+        exporter = KafkaExporter(broker.bootstrap, prefix, {})
+        t0 = time.perf_counter()
+        exporter.use_spool(spool)
+        check_s = time.perf_counter() - t0
+        found = len(exporter._in_kafka)
+        spool.close()
+    bare = bare_consume(broker.bootstrap, f"{prefix}.ssh-flows")
+    return {"spooled_events": n, "topic_messages": m, "partitions": 3,
+            "check": {"seconds": round(check_s, 3), "events_checked": n, "found": found,
+                      "messages_read_per_s": round(m / check_s)},
+            "bare_read": {"seconds": bare["seconds"], "messages": bare["messages"],
+                          "messages_per_s": round(bare["messages"] / bare["seconds"])},
+            "ratio_to_bare": round(check_s / bare["seconds"], 2),
+            "note": "Tansu ignores timestamps in offsets_for_times: the read back starts at the beginning of each "
+                    "partition here (on Apache Kafka, at the oldest spooled @timestamp minus 60 s), so both read all "
+                    "messages. Every message is of the spool's producer run (its event-id prefix), so each is parsed: "
+                    "the worst case. Timed: use_spool (reading the spool's first segment, the read back) against a "
+                    "bare consumer from its creation to the last end of partition."}
+
+
+def flow_topic(broker: Broker, quick: bool) -> tuple[str, int]:
+    """The topic of figures 10 and 11 (filled once): PREFIX.ssh-flows with n flow events
+    (flow_traffic), and n."""
+    from confluent_kafka.admin import AdminClient
+
+    n = 20_000 if quick else 300_000
+    topic = f"bench-flows-{n}.ssh-flows"
+    if topic not in AdminClient({"bootstrap.servers": broker.bootstrap}).list_topics(timeout=10).topics:
+        produce_all(broker.bootstrap, topic, flow_traffic(n))
+    return topic, n
+
+
+def alert_vs_bare(broker: Broker, quick: bool) -> dict:
+    """Issue 16's consumer target: `xdpwatch alert` (default rules, alerts to a file, events
+    waiting in Kafka before it starts; events/s from its first to its last message handled,
+    metrics every 0.2 s) against bare loops over the same topic that only parse each message
+    (orjson), or parse and validate it (schemas.is_valid)."""
+    topic, n = flow_topic(broker, quick)
+    with tempfile.TemporaryDirectory(prefix="xw-bench-alert-") as d:
+        alert = AlertUnderTest(broker, topic.removesuffix(".ssh-flows"), f"bench-alert-rate-{n}", d,
+                               "--output", f"{d}/alerts.jsonl")
+        try:
+            samples = alert.watch(n)
+            m = alert.metrics()
+        finally:
+            alert.stop()
+        alerts = len(Path(d, "alerts.jsonl").read_bytes().splitlines())
+    valid = [0]
+
+    def validate(value: bytes) -> None:
+        valid[0] += schemas.is_valid("ssh-flows", orjson.loads(value))
+
+    bare = bare_consume(broker.bootstrap, topic, orjson.loads)
+    checked = bare_consume(broker.bootstrap, topic, validate)
+    ours = handled_rate(samples)
+    return {"events": n,
+            "alert": {"events_per_s": ours, "handled": m.get(alert.HANDLED),
+                      "dead_lettered": m.get('xdpwatch_consumer_messages_total{command="alert",outcome="dead_lettered"}'),
+                      "alerts": alerts},
+            "bare_parse": {"events_per_s": bare["events_per_s"], "messages": bare["messages"]},
+            "bare_parse_validate": {"events_per_s": checked["events_per_s"], "messages": checked["messages"],
+                                    "valid": valid[0]},
+            "ratio_to_bare": round(ours / bare["events_per_s"], 2),
+            "ratio_to_bare_validated": round(ours / checked["events_per_s"], 2)}
+
+
+REBUILT = re.compile(r"rebuilt the state of (.+) from (\d+) events before the committed offsets, "
+                     r"and read back (\d+) alerts")
+
+
+def alert_restart(broker: Broker, quick: bool) -> dict:
+    """Issue 14's rebuild: `xdpwatch alert` (default rules, alerts to Kafka) handles the whole
+    topic of figure 10 in a group, is stopped with SIGTERM (offsets committed), and starts
+    again in the same group: the rebuild's own figures (metrics, log), and the time from the
+    process start to its rebuild log line (start-up, group join, rebuild)."""
+    topic, n = flow_topic(broker, quick)
+    prefix, group = topic.removesuffix(".ssh-flows"), f"bench-alert-restart-{n}"
+    with tempfile.TemporaryDirectory(prefix="xw-bench-restart-") as d:
+        first = AlertUnderTest(broker, prefix, group, d)
+        try:
+            first.watch(n)
+            alerts = first.metrics().get('xdpwatch_alerts_total{command="alert"}')
+        finally:
+            first.stop()
+        again = AlertUnderTest(broker, prefix, group, d)
+        try:
+            at, rebuilt = again.wait_line(REBUILT, 300)
+            m = again.metrics()
+        finally:
+            again.stop()
+    resumed = sum(int(x.rsplit("@", 1)[1]) for x in rebuilt[1].split(", "))  # "topic[p]@offset, ..."
+    return {"events": n, "alerts_first_run": alerts, "resumed_at_offsets_sum": resumed,
+            "rebuild_seconds": m.get('xdpwatch_alert_state_rebuild_seconds{command="alert"}'),
+            "events_reread": m.get('xdpwatch_alert_events_reread_total{command="alert"}'),
+            "alerts_read_back": int(rebuilt[3]), "alerts_published_again": m.get('xdpwatch_alerts_total{command="alert"}'),
+            "start_to_rebuild_line_s": round(at - again.started, 2),
+            "note": "Tansu ignores timestamps in offsets_for_times: the rebuild reads each partition from its "
+                    "beginning to the committed offset and feeds the events within the longest horizon (600 s, the "
+                    "traffic baseline's history) before the last one handled; events_reread counts those fed."}
 
 
 # ----------------------------------------------------------------------------- report
@@ -890,6 +1126,26 @@ def table(r: dict) -> str:
              ("   flow_start + flow_established per source", f"{al['events_per_s']:,}",
               f"{al['rss_mb_start']} → {al['rss_mb_max']} MB (max); {al['sources_evicted']:,.0f} sources evicted "
               "at the 100,000 cap")]
+    sc, ab, ar = r["spool_check"], r["alert_vs_bare"], r["alert_restart"]
+    rows += [("9. Producer start check of its spool", "seconds", "ratio"),
+             (f"   {sc['spooled_events']:,} spooled, read back {sc['topic_messages']:,}", f"{sc['check']['seconds']}",
+              f"found {sc['check']['found']:,} of {sc['check']['events_checked']:,} in Kafka; "
+              f"{sc['check']['messages_read_per_s']:,} messages/s; ÷ bare read {sc['ratio_to_bare']:.2f}×"),
+             (f"   bare consumer reading the {sc['topic_messages']:,}", f"{sc['bare_read']['seconds']}",
+              f"{sc['bare_read']['messages_per_s']:,} messages/s"),
+             (f"10. Alert consumer vs bare loops, {ab['events']:,} events", "events/s", "ratio"),
+             ("   xdpwatch alert (default rules, --output file)", f"{ab['alert']['events_per_s']:,}",
+              f"{ab['alert']['alerts']} alerts"),
+             ("   bare loop, orjson per message", f"{ab['bare_parse']['events_per_s']:,}",
+              f"alert ÷ bare {ab['ratio_to_bare']:.2f}×"),
+             ("   bare loop, orjson + schemas.is_valid", f"{ab['bare_parse_validate']['events_per_s']:,}",
+              f"alert ÷ bare+validation {ab['ratio_to_bare_validated']:.2f}×"),
+             (f"11. Alert consumer restart, {ar['events']:,} events", "seconds", ""),
+             ("   state rebuild", f"{ar['rebuild_seconds']}",
+              f"{ar['events_reread']:,.0f} events re-read, {ar['alerts_read_back']} alerts read back "
+              f"({ar['alerts_first_run']:.0f} raised), {ar['alerts_published_again']:.0f} published again"),
+             ("   process start to the rebuild log line", f"{ar['start_to_rebuild_line_s']}",
+              "start-up, group join, rebuild")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -919,7 +1175,10 @@ def main() -> int:
                          ("scaling", lambda: scaling(broker, args.quick)),
                          ("memory", lambda: memory(broker, args.quick)),
                          ("restore", lambda: restore_at_start(broker, args.quick)),
-                         ("alert_state", lambda: alert_sources(broker, args.quick))):
+                         ("alert_state", lambda: alert_sources(broker, args.quick)),
+                         ("spool_check", lambda: spool_check(broker, args.quick)),
+                         ("alert_vs_bare", lambda: alert_vs_bare(broker, args.quick)),
+                         ("alert_restart", lambda: alert_restart(broker, args.quick))):
             t0 = time.monotonic()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             result[name] = fn()
