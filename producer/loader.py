@@ -105,9 +105,10 @@ class BpfConfig:
 _LOCAL_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"')
 
 
-def render_source(cfg: BpfConfig) -> str:
+def render_source(cfg: BpfConfig, bpf_dir: Path = BPF_DIR) -> str:
     """The program as it is compiled: cflags, then the source with our `#include "…"` files
-    inlined, recursively, each once (as their include guards would have it).
+    inlined, recursively, each once (as their include guards would have it). `bpf_dir`: where
+    the sources are (another copy of bpf/, for benchmarks that compare two versions).
 
     The loader compiles this text, not the file: bcc rewrites map calls (`flows.lookup(…)`)
     only in the file it is given, so a header that uses a map must be part of it. `#line`
@@ -121,14 +122,14 @@ def render_source(cfg: BpfConfig) -> str:
             if not m:
                 out.append(line)
                 continue
-            header = BPF_DIR / m[1]
+            header = bpf_dir / m[1]
             if header not in seen:
                 seen.add(header)
                 out += inline(header)
             out.append(f'#line {n + 1} "{path}"')
         return out
 
-    return "\n".join([f"/* cflags: {' '.join(cfg.cflags())} */", *inline(SOURCE)]) + "\n"
+    return "\n".join([f"/* cflags: {' '.join(cfg.cflags())} */", *inline(bpf_dir / SOURCE.name)]) + "\n"
 
 
 class XdpProgram:
