@@ -17,6 +17,7 @@ class Snapshot:
     flows_active: int = 0
     flows_evicted: int = 0
     intervals: int = 0
+    flow_path: str = ""  # compiled | python
 
 
 class ProducerMetrics:
@@ -52,6 +53,11 @@ class ProducerMetrics:
         yield _one(GaugeMetricFamily, "xdpwatch_flow_table_capacity", "Most SSH flows tracked at once",
                    iface, self.capacity)
         yield _one(CounterMetricFamily, "xdpwatch_intervals", "Packet-count records emitted", iface, s.intervals)
+        if s.flow_path:
+            fp = GaugeMetricFamily("xdpwatch_flow_path", "Which implementation makes the flow events (1: this one)",
+                                   labels=["interface", "path"])
+            fp.add_metric([iface, s.flow_path], 1)
+            yield fp
         d = self.delivery
         for name, value, text in (("produced", d.produced, "Events handed to Kafka"),
                                   ("delivered", d.delivered, "Events acknowledged by Kafka"),

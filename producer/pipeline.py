@@ -20,7 +20,8 @@ from .enforcement import Enforcer, Policy
 from .errors import ConfigError
 from .events import Clock, CounterDeltas, EventShaper
 from .exporter import ControlReader, DeliveryStats, Exporter
-from .flows import FlowReport, FlowTimeouts, FlowTracker
+from .flows import FlowTimeouts
+from .flowpath import open_flow_path
 from .hostnet import Protected, broker_protected, host_protected
 from .loader import BpfConfig, XdpProgram
 from .metrics import ProducerMetrics, Snapshot
@@ -41,6 +42,7 @@ class ProduceConfig:
     policy: Policy = field(default_factory=Policy)  # used when bpf.enforce_mode is not "off"
     egress: bool = True  # also hook egress: SSH flows count both directions
     kafka_brokers: tuple[str, ...] = ()  # bootstrap servers: never blocked (with the host's own addresses)
+    flow_path: str = "auto"  # auto | compiled | python: who makes the flow events (flowpath.py)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class RunSummary:
     flows_evicted: int = 0
     ringbuf_drops: int = 0
     delivery: DeliveryStats = field(default_factory=DeliveryStats)
+    flow_path: str = ""  # compiled | python: the one that ran
 
 
 def run(cfg: ProduceConfig, exporter: Exporter, stop: threading.Event,
@@ -70,19 +73,16 @@ class _Run:
         self.cfg, self.prog, self.exporter, self.metrics = cfg, prog, exporter, metrics
         self.clock = Clock()
         self.shaper = EventShaper(cfg.iface, self.clock, enforce_mode=cfg.bpf.enforce_mode)
-        self.tracker = FlowTracker(prog, self._export_flow, cfg.timeouts, drain=lambda: prog.poll_events(0))
-        prog.open_events(self.tracker.on_event)
+        # ring buffer -> flow tracking -> ssh-flows documents -> exporter, compiled or in Python
+        self.tracker = open_flow_path(cfg.flow_path, prog, self.shaper, cfg.timeouts, exporter)
         self.control = control
         self.enforcer = None
         if cfg.bpf.enforce_mode != "off":
             self.enforcer = Enforcer(prog, cfg.bpf.enforce_mode, cfg.policy,
                                      lambda doc: self._export("enforcement", doc), self.shaper)
-        self.summary = RunSummary()
+        self.summary = RunSummary(flow_path=self.tracker.path)
         self._evicted_reported = 0
         self._brokers: list[Protected] = []
-
-    def _export_flow(self, report: FlowReport) -> None:
-        self._export("ssh-flows", self.shaper.flow(report))
 
     def _export(self, stream: str, doc: dict) -> None:
         self.exporter.export(stream, schemas.key_of(stream, doc), orjson.dumps(doc))
@@ -105,7 +105,7 @@ class _Run:
         s.ringbuf_drops = current[CounterId.RINGBUF_DROPS][0]
         s.flows_evicted = self.tracker.evicted
         if self.metrics is not None:
-            self.metrics.snapshot = Snapshot(current, active, self.tracker.evicted, s.intervals)
+            self.metrics.snapshot = Snapshot(current, active, self.tracker.evicted, s.intervals, self.tracker.path)
         if delta[CounterId.RINGBUF_DROPS][0]:
             log.warning("ring buffer full: %d flow events lost in the kernel this interval "
                         "(raise --ringbuf-pages)", delta[CounterId.RINGBUF_DROPS][0])
@@ -158,7 +158,7 @@ class _Run:
         clock = self.clock
         now = clock.monotonic_ns()
         wait_ms = max(0, min(self._next_interval, self._next_sweep, now + 100_000_000) - now) // 1_000_000
-        self.prog.poll_events(max(1, wait_ms))
+        self.tracker.poll_events(max(1, wait_ms))
         self.exporter.poll()
         if self.enforcer is not None:
             if self.control is not None:
@@ -197,8 +197,9 @@ class _Run:
         finally:
             attachment.detach()
         now = clock.monotonic_ns()
-        self.prog.poll_events(0)
+        self.tracker.poll_events(0)
         self.tracker.shutdown(now)
+        self.tracker.close()
         if self.enforcer is not None:
             self.enforcer.close()
         self._export_interval(now, final=True)
