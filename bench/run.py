@@ -179,21 +179,23 @@ def spooled_exporter(bootstrap: str, prefix: str) -> KafkaExporter:
     return exporter
 
 
-def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile: bool = False) -> dict:
+def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile: bool = False,
+                 flow_path: str = "auto") -> dict:
     """The producer's own code path (ring buffer → decode → flow tracker → shape → orjson →
     confluent-kafka, with its settings and a sweep every second) on `n` flow_start events
-    queued in the ring buffer; timed until the broker acknowledged all of them."""
+    queued in the ring buffer; timed until the broker acknowledged all of them. `flow_path`:
+    the compiled one when built (auto), or the Python reference (python)."""
     table = max(65536, 2 * (n + prefill))
     prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
     exporter = spooled_exporter(bootstrap, prefix)
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
-                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
+                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9), flow_path=flow_path)
     run = _Run(cfg, prog, exporter, None)
     if prefill:  # flows already in the table (their events are consumed before timing)
         inject(prog, prefill, start=10_000_000)
         while exporter.stats.delivered < prefill:
-            prog.poll_events(10)
+            run.tracker.poll_events(10)
             exporter.poll()
         exporter.close(60)
         exporter = run.exporter = spooled_exporter(bootstrap, prefix)
@@ -214,13 +216,14 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     elapsed = time.perf_counter() - t0
     prog.close()
     out = {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed),
-           "delivered": stats.delivered, "failed": stats.failed}
+           "delivered": stats.delivered, "failed": stats.failed, "flow_path": run.tracker.path}
     if profiler:
         out["profile"] = stage_profile(profiler)
     return out
 
 
 STAGES = [  # (stage, substrings of "file:function" that belong to it), first match wins
+    ("compiled flow path (ring buffer, tracking, shaping)", ["_fastpath", "flowpath.py"]),
     ("ring buffer poll", ["ring_buffer_poll", "ring_buffer_consume", "poll_events", "ringbuf_cb"]),
     ("decode", ["decode_event", "on_record", "records.py"]),
     ("flow tracking", ["flows.py"]),
@@ -362,7 +365,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     while injector.is_alive():
         run.step()
     injected_s = time.perf_counter() - t0
-    prog.poll_events(0)
+    run.tracker.poll_events(0)
     run.tracker.sweep(time.monotonic_ns())  # adopts flows whose start event was dropped
     stats = exporter.close(60)
     c = prog.read_counters()
