@@ -31,6 +31,8 @@ from typing import Protocol
 import orjson
 
 from .. import schemas
+from xdpwatch.errors import XdpwatchError
+
 from .errors import ConsumerError
 
 log = logging.getLogger(__name__)
@@ -340,7 +342,7 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                     try:
                         handler.handle(ev)
                         stats.handled += 1
-                    except ConsumerError:
+                    except XdpwatchError:
                         raise  # infrastructure (an output that cannot be written): stop, commit nothing past
                     except Exception as e:  # this message broke the handler: it alone is set aside
                         reason = _short(f"handler-error: {type(e).__name__}: {e}")

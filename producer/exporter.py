@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from .. import schemas
-from .errors import BrokerError, ConfigError
+from xdpwatch.errors import BrokerError
+
+from .errors import ConfigError
 from .spool import Spool
 
 log = logging.getLogger(__name__)

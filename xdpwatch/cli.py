@@ -615,13 +615,9 @@ def demo(
     `produce` on its veth, `alert` and `archive`, and traffic (UDP/TCP/ICMP, SSH logins, an
     SSH brute force, a traffic spike). Then a summary; everything it created is removed."""
     from .demo import Demo, DemoError, print_summary
-    from .lab import LabError
 
     _setup_logging(LogLevel.warning)
-    try:
-        summary = Demo(duration, directory.resolve(), sys.stdout.isatty() if live is None else live).run()
-    except LabError as e:
-        raise DemoError(str(e)) from None
+    summary = Demo(duration, directory.resolve(), sys.stdout.isatty() if live is None else live).run()
     print_summary(summary)
     failed = {k: v for k, v in summary["exit_codes"].items() if k != "traffic" and v != 0}
     if failed:
@@ -648,14 +644,11 @@ def schemas_cmd(
 
 
 def main() -> None:
-    from .consumers.errors import ConsumerError
-    from .demo import DemoError
-    from .kafka_config import KafkaConfigError
-    from .observability import MetricsPortError, redact
-    from .producer.errors import XdpwatchError
+    from .errors import XdpwatchError
+    from .observability import redact
 
     try:
         app()
-    except (XdpwatchError, ConsumerError, MetricsPortError, DemoError, KafkaConfigError) as e:
+    except XdpwatchError as e:
         print(f"xdpwatch: error: {redact(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -32,6 +32,7 @@ from pathlib import Path
 import orjson
 
 from . import schemas
+from .errors import XdpwatchError
 from .lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for
 
 DEMO_NET = 0  # names xw0-*, xwc0, xwbr0; subnet 198.18.0.0/24 (tests use 1-250)
@@ -46,8 +47,8 @@ min_rate = 1000.0
 """
 
 
-class DemoError(Exception):
-    exit_code = 1
+class DemoError(XdpwatchError):
+    """The demo cannot run, or a part of it failed."""
 
 
 MARKER = ".xdpwatch-demo"  # in every directory a demo made: the next demo may empty it

@@ -22,6 +22,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xdpwatch.errors import KafkaConfigError
+
 ENV_PREFIX = "XDPWATCH_KAFKA_"
 FILE_ENVVAR = "XDPWATCH_KAFKA_CONFIG"
 MAX_FILE_BYTES = 1 << 20
@@ -44,12 +46,6 @@ SECRET_PROPERTIES = frozenset({
 })
 _SECRET_WORDS = ("password", "secret", "passphrase")
 _BROKER_LIST = ("bootstrap.servers", "metadata.broker.list")
-
-
-class KafkaConfigError(Exception):
-    """A Kafka settings file or variable that cannot be used; the CLI exits 1."""
-
-    exit_code = 1
 
 
 def is_secret(key: str) -> bool:

@@ -17,13 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from xdpwatch.errors import XdpwatchError
+
 VENV_BIN = Path(sys.executable).parent
 TANSU = VENV_BIN / "tansu"
 
 
-class LabError(AssertionError):
-    """A prerequisite is missing or a component did not start (an AssertionError, so that
-    tests fail loudly with it)."""
+class LabError(XdpwatchError):
+    """A prerequisite is missing, or a component did not start or answer in time."""
 
 
 def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -116,7 +117,7 @@ class Broker:
         self.proc = subprocess.Popen(self.argv, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         try:
             wait_for(self._ready, 20, f"the broker on {self.bootstrap}")
-        except AssertionError:
+        except LabError:
             self.stop()
             raise LabError(f"broker did not start:\n{(self.dir / 'broker.log').read_text()[-3000:]}")
 
@@ -174,7 +175,7 @@ class S3Server:
                                      stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for(self._create_bucket, 20, f"the S3 server on {self.url}", interval=0.2)
-        except AssertionError:
+        except LabError:
             self.stop()
             raise
 

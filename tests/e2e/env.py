@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from xdpwatch import schemas
-from xdpwatch.lab import Broker, Net, Sshd, free_port, scrape, sh, wait_for  # noqa: F401
+from xdpwatch.lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for  # noqa: F401
 
 SENDFRAMES = Path(__file__).resolve().parent.parent / "sendframes.py"
 NOBODY_MAC = "02:00:00:00:00:99"  # owned by no interface: frames are seen by XDP, answered by nobody

@@ -9,7 +9,7 @@ import time
 import pytest
 from confluent_kafka import KafkaError
 
-from xdpwatch.producer.errors import BrokerError
+from xdpwatch.errors import BrokerError
 from xdpwatch.producer.exporter import ControlReader
 
 
