@@ -28,9 +28,9 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Callable
 
-from .. import schemas
-from .base import crash_point
-from .errors import ConsumerError
+from xdpwatch import schemas
+from xdpwatch.consumers.base import crash_point
+from xdpwatch.consumers.errors import ConsumerError
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +520,7 @@ class AlertSink:
         self.count = 0
         self._kafka = self._file = None
         if output == "kafka":
-            from .base import AckedProducer, ensure_topics
+            from xdpwatch.consumers.base import AckedProducer, ensure_topics
 
             ensure_topics(kafka_conf, [topic])
             self._kafka = AckedProducer(kafka_conf, topic, "an alert")
@@ -529,7 +529,7 @@ class AlertSink:
 
             self._file, self._fsync = sys.stdout.buffer, False
         else:
-            from .base import append_private
+            from xdpwatch.consumers.base import append_private
 
             self._file, self._fsync = append_private(output, "alert output"), True
 
@@ -653,8 +653,8 @@ class AlertHandler:
         tails, from the horizon before the earliest of those (the whole alerts topic when a
         partition is read again from its beginning: any alert may come again). Returns how
         many events were fed."""
-        from .base import decode
-        from .history import MARGIN_S
+        from xdpwatch.consumers.base import decode
+        from xdpwatch.consumers.history import MARGIN_S
 
         h = self.history
         readback = self.alerts_topic is not None

@@ -30,10 +30,9 @@ from typing import Protocol
 
 import orjson
 
-from .. import schemas
+from xdpwatch import schemas
+from xdpwatch.consumers.errors import ConsumerError
 from xdpwatch.errors import XdpwatchError
-
-from .errors import ConsumerError
 
 log = logging.getLogger(__name__)
 

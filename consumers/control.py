@@ -17,10 +17,10 @@ from typing import Callable
 
 import orjson
 
-from .. import schemas
-from .alert import alert_id as _alert_id
-from .base import crash_point
-from .errors import ConsumerError
+from xdpwatch import schemas
+from xdpwatch.consumers.alert import alert_id as _alert_id
+from xdpwatch.consumers.base import crash_point
+from xdpwatch.consumers.errors import ConsumerError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class CommandSender:
     """Produces commands to the control topic, each acknowledged before `send` returns."""
 
     def __init__(self, kafka_conf: dict, topic: str):
-        from .base import AckedProducer, ensure_topics
+        from xdpwatch.consumers.base import AckedProducer, ensure_topics
 
         ensure_topics(kafka_conf, [topic], partitions=1)  # one partition: one order for every command
         self._out = AckedProducer(kafka_conf, topic, "a command")

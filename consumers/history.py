@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Iterator
 
-from .errors import ConsumerError
+from xdpwatch.consumers.errors import ConsumerError
 
 log = logging.getLogger(__name__)
 

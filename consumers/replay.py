@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 
 import orjson
 
-from .. import schemas
-from .archive import LOCK_NAME, Segment
-from .base import MAX_MESSAGE_BYTES
-from .errors import ConsumerError
+from xdpwatch import schemas
+from xdpwatch.consumers.archive import LOCK_NAME, Segment
+from xdpwatch.consumers.base import MAX_MESSAGE_BYTES
+from xdpwatch.consumers.errors import ConsumerError
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class KafkaSink:
     def __init__(self, conf: dict, prefix: str, streams: list[str]):
         from confluent_kafka import KafkaException, Producer
 
-        from .base import ensure_topics
+        from xdpwatch.consumers.base import ensure_topics
 
         ensure_topics(conf, [schemas.topic(prefix, s) for s in streams])
         self.prefix = prefix

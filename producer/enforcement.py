@@ -30,9 +30,9 @@ from typing import Callable, Iterable
 
 import orjson
 
-from .. import schemas
-from .events import iso
-from .hostnet import Protected
+from xdpwatch import schemas
+from xdpwatch.producer.events import iso
+from xdpwatch.producer.hostnet import Protected
 
 log = logging.getLogger(__name__)
 

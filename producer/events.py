@@ -13,9 +13,9 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from .flows import FlowReport
-from .records import DIR_TO_CLIENT, DIR_TO_SERVER, HANDSHAKE_NAMES, CounterId, FlowKey, tcp_flag_names
-from .ssh import login_outcome, ssh_identification
+from xdpwatch.producer.flows import FlowReport
+from xdpwatch.producer.records import DIR_TO_CLIENT, DIR_TO_SERVER, HANDSHAKE_NAMES, CounterId, FlowKey, tcp_flag_names
+from xdpwatch.producer.ssh import login_outcome, ssh_identification
 
 # Counter ids that are packet classes, with their JSON names.
 CLASSES = {

@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-from .. import schemas
+from xdpwatch import schemas
 from xdpwatch.errors import BrokerError
-
-from .errors import ConfigError
-from .spool import Spool
+from xdpwatch.producer.errors import ConfigError
+from xdpwatch.producer.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from .. import schemas
-from .enforcement import Enforcer, Policy
-from .errors import ConfigError
-from .events import Clock, CounterDeltas, EventShaper
-from .exporter import ControlReader, DeliveryStats, Exporter
-from .flows import FlowReport, FlowTimeouts, FlowTracker
-from .hostnet import Protected, broker_protected, host_protected
-from .loader import BpfConfig, XdpProgram
-from .metrics import ProducerMetrics, Snapshot
-from .records import CounterId
+from xdpwatch import schemas
+from xdpwatch.producer.enforcement import Enforcer, Policy
+from xdpwatch.producer.errors import ConfigError
+from xdpwatch.producer.events import Clock, CounterDeltas, EventShaper
+from xdpwatch.producer.exporter import ControlReader, DeliveryStats, Exporter
+from xdpwatch.producer.flows import FlowReport, FlowTimeouts, FlowTracker
+from xdpwatch.producer.hostnet import Protected, broker_protected, host_protected
+from xdpwatch.producer.loader import BpfConfig, XdpProgram
+from xdpwatch.producer.metrics import ProducerMetrics, Snapshot
+from xdpwatch.producer.records import CounterId
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__, schemas
+from xdpwatch import __version__, schemas
 
 app = typer.Typer(
     name="xdpwatch",
@@ -57,7 +57,7 @@ KafkaConfigOpt = Annotated[Optional[Path], typer.Option("--kafka-config", envvar
 
 
 def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.text) -> None:
-    from .observability import setup_logging
+    from xdpwatch.observability import setup_logging
 
     setup_logging(level.value, fmt.value)
 
@@ -67,8 +67,8 @@ def kafka_options(pairs: list[str], config_file: Path | None = None) -> dict[str
     `-X key=value` (as kcat takes them), each overriding the one before (kafka_config.py).
     From then on every secret among them is blanked out of logs and errors; a secret given
     with -X gets a warning naming the safer ways."""
-    from .kafka_config import env_name, resolve
-    from .observability import hide
+    from xdpwatch.kafka_config import env_name, resolve
+    from xdpwatch.observability import hide
 
     try:
         settings = resolve(pairs, config_file, os.environ)
@@ -92,20 +92,20 @@ def _option(parse, text: str, option: str):
 
 def _block_rules(rules: list[str]) -> list[str]:
     """--block-on: only rules whose evidence a spoofer cannot forge; any other is a bad option."""
-    from .consumers.control import blockable
+    from xdpwatch.consumers.control import blockable
 
     return [_option(blockable, r, "--block-on") for r in rules]
 
 
 def _prefix(text: str, option: str):
-    from .producer.enforcement import parse_prefix
+    from xdpwatch.producer.enforcement import parse_prefix
 
     return _option(parse_prefix, text, option)
 
 
 def open_spool(directory: Path, max_mb: int):
-    from .producer.errors import ConfigError
-    from .producer.spool import Spool
+    from xdpwatch.producer.errors import ConfigError
+    from xdpwatch.producer.spool import Spool
 
     try:
         return Spool(directory, max_mb << 20)
@@ -190,12 +190,12 @@ def produce(
     (reason shutdown), flushes Kafka, detaches XDP. Exit code 0 when every event was
     delivered, 3 when some were not, 1 on a configuration error.
     """
-    from .producer.enforcement import Policy
-    from .producer.errors import ConfigError, DeliveryError
-    from .producer.exporter import ControlReader, KafkaExporter, StdoutExporter
-    from .producer.flows import FlowTimeouts
-    from .producer.loader import BpfConfig, render_source
-    from .producer.pipeline import ProduceConfig, run
+    from xdpwatch.producer.enforcement import Policy
+    from xdpwatch.producer.errors import ConfigError, DeliveryError
+    from xdpwatch.producer.exporter import ControlReader, KafkaExporter, StdoutExporter
+    from xdpwatch.producer.flows import FlowTimeouts
+    from xdpwatch.producer.loader import BpfConfig, render_source
+    from xdpwatch.producer.pipeline import ProduceConfig, run
 
     _setup_logging(log_level, log_format)
     if enforce and dry_run:
@@ -216,7 +216,7 @@ def produce(
         sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout, policy=policy, egress=egress,
         kafka_brokers=tuple(bootstrap_servers.split(",")) if bootstrap_servers else (),
     )
-    from .producer.loader import ifindex_of
+    from xdpwatch.producer.loader import ifindex_of
     ifindex_of(iface)  # fail on a bad interface before touching Kafka
 
     control = None
@@ -239,8 +239,8 @@ def produce(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    from .observability import serve_metrics
-    from .producer.metrics import ProducerMetrics
+    from xdpwatch.observability import serve_metrics
+    from xdpwatch.producer.metrics import ProducerMetrics
 
     metrics = ProducerMetrics(iface, flow_table_size, exporter.stats) if metrics_port else None
     serve_metrics(metrics_port, metrics, metrics_address)
@@ -269,9 +269,9 @@ def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, d
                     kafka_config=None, metrics_address="127.0.0.1", gauges=lambda: {}):
     """What every consumer command shares: logging, metrics, Kafka config, dead-letter sink,
     stop event. Returns (consumer conf, producer conf, dead-letter sink, stop, loop stats)."""
-    from .consumers.base import ConsumerMetrics, FileDeadLetter, KafkaDeadLetter, LoopStats, consumer_conf
-    from .consumers.errors import ConsumerError
-    from .observability import serve_metrics
+    from xdpwatch.consumers.base import ConsumerMetrics, FileDeadLetter, KafkaDeadLetter, LoopStats, consumer_conf
+    from xdpwatch.consumers.errors import ConsumerError
+    from xdpwatch.observability import serve_metrics
 
     _setup_logging(log_level, log_format)
     if not bootstrap_servers:
@@ -330,10 +330,10 @@ def alert(
     spikes, kernel drops. Event time, not wall-clock time: replaying archived
     events gives the same alerts. With --block-on, close the loop: the source of an alert
     is blocked in the kernel by producers that run with --enforce."""
-    from .consumers.alert import DEFAULT_RULES, AlertHandler, AlertSink, load_rules
-    from .consumers.base import run_loop
-    from .consumers.history import Reader
-    from .consumers.errors import ConsumerError
+    from xdpwatch.consumers.alert import DEFAULT_RULES, AlertHandler, AlertSink, load_rules
+    from xdpwatch.consumers.base import run_loop
+    from xdpwatch.consumers.history import Reader
+    from xdpwatch.consumers.errors import ConsumerError
 
     if print_default_rules:
         typer.echo(DEFAULT_RULES, nl=False)
@@ -378,7 +378,7 @@ def alert(
                            alerts_topic=f"{topic_prefix}.alerts" if output == "kafka" else None,
                            control_topic=control_topic if block_on else None, from_beginning=from_beginning)
     if block_on:
-        from .consumers.control import BlockBudget, BlockOnAlert, CommandSender
+        from xdpwatch.consumers.control import BlockBudget, BlockOnAlert, CommandSender
 
         blocker = handler.on_alert = BlockOnAlert(CommandSender(producer_conf, control_topic), set(block_on), ttl_s,
                                                   BlockBudget(block_rate, block_max_active), handler.publish)
@@ -397,14 +397,14 @@ def alert(
 
 # ---------------------------------------------------------------------------- prevention
 def _duration(text: str, option: str) -> int:
-    from .consumers.control import parse_duration
+    from xdpwatch.consumers.control import parse_duration
 
     return _option(parse_duration, text, option)
 
 
 def _client_conf(bootstrap_servers, kafka_option, kafka_config, log_level) -> dict:
     """Logging and the Kafka client settings of the control-plane commands."""
-    from .consumers.errors import ConsumerError
+    from xdpwatch.consumers.errors import ConsumerError
 
     _setup_logging(log_level)
     if not bootstrap_servers:
@@ -413,7 +413,7 @@ def _client_conf(bootstrap_servers, kafka_option, kafka_config, log_level) -> di
 
 
 def _send(bootstrap_servers, kafka_option, kafka_config, topic_prefix, log_level, doc) -> None:
-    from .consumers.control import CommandSender
+    from xdpwatch.consumers.control import CommandSender
 
     conf = _client_conf(bootstrap_servers, kafka_option, kafka_config, log_level)
     CommandSender(conf, schemas.topic(topic_prefix, "control")).send(doc)
@@ -436,7 +436,7 @@ def block(
     """Block a source on every producer running with --enforce (counted only with --dry-run)
     for TTL. Producers refuse what their policy forbids (allowlisted addresses, prefixes
     wider than /8 or /32); each says what it did on PREFIX.enforcement."""
-    from .consumers.control import command, operator
+    from xdpwatch.consumers.control import command, operator
 
     net = _prefix(prefix, "PREFIX")
     _send(bootstrap_servers, kafka_option, kafka_config, topic_prefix, log_level,
@@ -454,7 +454,7 @@ def unblock(
     log_level: LogLevelOpt = LogLevel.warning,
 ) -> None:
     """Lift a block before its TTL on every producer."""
-    from .consumers.control import command, operator
+    from xdpwatch.consumers.control import command, operator
 
     net = _prefix(prefix, "PREFIX")
     _send(bootstrap_servers, kafka_option, kafka_config, topic_prefix, log_level,
@@ -474,7 +474,7 @@ def blocks(
     reported on PREFIX.enforcement."""
     import orjson
 
-    from .consumers.control import active_blocks
+    from xdpwatch.consumers.control import active_blocks
 
     conf = _client_conf(bootstrap_servers, kafka_option, kafka_config, log_level)
     found = active_blocks(conf, schemas.topic(topic_prefix, "enforcement"))
@@ -525,8 +525,8 @@ def archive(
     and offset range. Every offset lands in exactly one segment, across crashes and
     restarts: offsets are committed only after a segment is on disk (fsynced), and a
     restart resumes where the files end."""
-    from .consumers.archive import Archiver
-    from .consumers.base import run_loop
+    from xdpwatch.consumers.archive import Archiver
+    from xdpwatch.consumers.base import run_loop
 
     arch = Archiver(directory, int(roll_mb * 1e6), roll_seconds)
     conf, _, dl, stop, stats = _consumer_setup(
@@ -570,8 +570,8 @@ def replay(
     Bad lines and files are reported (file:line), skipped and counted; exit code 4 then."""
     import ipaddress
 
-    from .consumers.errors import ConsumerError, SkippedInputError, UndeliveredError
-    from .consumers.replay import Filters, KafkaSink, ReplayStats, StdoutSink, parse_time, replay as run_replay, select_inputs
+    from xdpwatch.consumers.errors import ConsumerError, SkippedInputError, UndeliveredError
+    from xdpwatch.consumers.replay import Filters, KafkaSink, ReplayStats, StdoutSink, parse_time, replay as run_replay, select_inputs
 
     _setup_logging(log_level, log_format)
     try:
@@ -614,7 +614,7 @@ def demo(
     """Run the whole pipeline on this machine: a broker, a namespace with a real sshd,
     `produce` on its veth, `alert` and `archive`, and traffic (UDP/TCP/ICMP, SSH logins, an
     SSH brute force, a traffic spike). Then a summary; everything it created is removed."""
-    from .demo import Demo, DemoError, print_summary
+    from xdpwatch.demo import Demo, DemoError, print_summary
 
     _setup_logging(LogLevel.warning)
     summary = Demo(duration, directory.resolve(), sys.stdout.isatty() if live is None else live).run()
@@ -644,8 +644,8 @@ def schemas_cmd(
 
 
 def main() -> None:
-    from .errors import XdpwatchError
-    from .observability import redact
+    from xdpwatch.errors import XdpwatchError
+    from xdpwatch.observability import redact
 
     try:
         app()

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import orjson
 
-from . import schemas
-from .errors import XdpwatchError
-from .lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for
+from xdpwatch import schemas
+from xdpwatch.errors import XdpwatchError
+from xdpwatch.lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for
 
 DEMO_NET = 0  # names xw0-*, xwc0, xwbr0; subnet 198.18.0.0/24 (tests use 1-250)
 BRUTE_FORCE_ATTEMPTS = 15
@@ -413,7 +413,7 @@ class Demo:
         return {}
 
     def _summary(self, view: View, messages: int) -> dict:
-        from .consumers.archive import list_segments
+        from xdpwatch.consumers.archive import list_segments
 
         segs = list_segments(self.workdir / "archive") if (self.workdir / "archive").exists() else []
         return {
