@@ -848,7 +848,7 @@ def plot(scale: dict, path: Path) -> None:
 def control_history(n: int):
     """`n` commands an attacker could have written: blocks of distinct addresses (far more
     than the blocklist holds) with an unblock of the previous one every 4th command."""
-    at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    at = schemas.format_time(time.time())
     for i in range(n):
         action, addr = ("unblock", 0x64400000 + i - 1) if i % 4 == 3 else ("block", 0x64400000 + i)  # 100.64/10
         c = {"id": f"r-{i}", "action": action, "prefix": socket.inet_ntoa(struct.pack("!I", addr)),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import datetime as dt
 import hashlib
 import itertools
 import math
@@ -31,6 +30,7 @@ from typing import Callable
 from xdpwatch import schemas
 from xdpwatch.consumers.base import crash_point
 from xdpwatch.consumers.errors import ConsumerError
+from xdpwatch.schemas import format_time, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,6 @@ def load_rules(text: str, origin: str = "rules file") -> Rules:
     return Rules(**out)
 
 
-parse_time = schemas.timestamp_s
-
-
-def iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def alert_id(rule: str, subject: str, first_event_id: str) -> str:
     return hashlib.sha256(f"{rule}|{subject}|{first_event_id}".encode()).hexdigest()[:32]
 
@@ -191,15 +184,15 @@ def make_alert(rule: str, subject: str, message: str, first: tuple, last: tuple,
     newest event of the evidence, as the detector's state holds them; `at`: the event time of
     the event that completed it (its @timestamp; `last`'s unless that event came late)."""
     alert = {
-        "@timestamp": iso(last[0] if at is None else at),
+        "@timestamp": format_time(last[0] if at is None else at),
         "event": {"id": alert_id(rule, subject, first[1]), "kind": "alert", "module": "xdpwatch",
                   "dataset": "xdpwatch.alerts", "severity": SEVERITY[rule],
                   "category": ["intrusion_detection", "network"]},
         "rule": {"name": rule, "description": DESCRIPTIONS[rule]},
         "message": message,
         "observer": observer,
-        "xdpwatch": {"evidence": {"count": count, "window_s": window, "first_seen": iso(first[0]),
-                                  "last_seen": iso(last[0]), "first_event_id": first[1],
+        "xdpwatch": {"evidence": {"count": count, "window_s": window, "first_seen": format_time(first[0]),
+                                  "last_seen": format_time(last[0]), "first_event_id": first[1],
                                   "last_event_id": last[1], **extra}},
     }
     if source_ip is not None:

@@ -48,14 +48,11 @@ def command(action: str, prefix: str, issued_by: str, ttl_s: int | None = None, 
     """A control document, checked against the schema (the producer checks it again).
     `command_id` defaults to a random UUID; `now` (POSIX seconds, default the wall clock)
     is its @timestamp, from which a block's TTL counts."""
-    from datetime import datetime, timezone
-
     cmd = {"id": command_id or str(uuid.uuid4()), "action": action, "prefix": prefix, "issued_by": issued_by}
     for k, v in (("ttl_s", ttl_s), ("reason", reason), ("alert_id", alert_id)):
         if v is not None:
             cmd[k] = v
-    stamp = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
-    doc = {"@timestamp": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"), "command": cmd}
+    doc = {"@timestamp": schemas.format_time(time.time() if now is None else now), "command": cmd}
     errs = schemas.errors("control", doc)
     if errs:
         raise ConsumerError(f"invalid {action} command: {errs[0]}")
@@ -113,7 +110,7 @@ def active_blocks(kafka_conf: dict, topic: str, now: float | None = None, timeou
                     state[key] = doc
                 elif doc["event"]["action"] in ("block_removed", "block_expired"):
                     state.pop(key, None)
-        out = [d for d in state.values() if schemas.timestamp_s(d["xdpwatch"]["enforcement"]["expires"]) > now]
+        out = [d for d in state.values() if schemas.parse_time(d["xdpwatch"]["enforcement"]["expires"]) > now]
         return sorted(out, key=lambda d: d["@timestamp"], reverse=True)
     finally:
         c.close()
@@ -184,7 +181,7 @@ class BlockBudget:
         except ValueError:
             return  # no producer applies it either
         if cmd["action"] == "block" and cmd["issued_by"].startswith(AUTOMATIC):
-            issued = schemas.timestamp_s(doc["@timestamp"])
+            issued = schemas.parse_time(doc["@timestamp"])
             self._issued.append(issued)
             self._active[net] = issued + cmd["ttl_s"]
         else:

@@ -105,7 +105,7 @@ class KafkaExporter:
             try:
                 doc = orjson.loads(value)
                 wanted.add(doc["event"]["id"])
-                since = min(since, schemas.timestamp_s(doc["@timestamp"]))
+                since = min(since, schemas.parse_time(doc["@timestamp"]))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # sent as it is: what cannot be read cannot be matched
         if not wanted:

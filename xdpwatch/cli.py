@@ -571,12 +571,12 @@ def replay(
     import ipaddress
 
     from xdpwatch.consumers.errors import ConsumerError, SkippedInputError, UndeliveredError
-    from xdpwatch.consumers.replay import Filters, KafkaSink, ReplayStats, StdoutSink, parse_time, replay as run_replay, select_inputs
+    from xdpwatch.consumers.replay import Filters, KafkaSink, ReplayStats, StdoutSink, replay as run_replay, select_inputs
 
     _setup_logging(log_level, log_format)
     try:
         filters = Filters(
-            since=parse_time(since) if since else None, until=parse_time(until) if until else None,
+            since=schemas.parse_time(since) if since else None, until=schemas.parse_time(until) if until else None,
             source_nets=[ipaddress.ip_network(n, strict=False) for n in source_ip],
             actions={a.value for a in action}, streams={s.value for s in stream})
     except ValueError as e:

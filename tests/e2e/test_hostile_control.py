@@ -8,7 +8,6 @@ topic, never blocks past 7 days, and a restart replays it all and attaches."""
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import json
 import subprocess
 import time
@@ -29,10 +28,6 @@ FLOOD = 20_000
 CAPACITY = 16384  # bpf/config.h BLOCKLIST_SIZE
 WEEK = 7 * 86400
 DECISIONS = ("block_applied", "command_rejected")
-
-
-def stamp(epoch_s: float) -> str:
-    return dt.datetime.fromtimestamp(epoch_s, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def command(cid: str, prefix: str, at: str, ttl_s: int = 3600) -> bytes:
@@ -96,12 +91,12 @@ def test_no_command_stops_the_enforcer_and_a_restart_attaches(testnet, broker_fa
         special = {
             "c-2099": command("c-2099", "203.0.113.1", "2099-01-01T00:00:00Z"),
             "c-9999": command("c-9999", "203.0.113.2", "9999-12-31T23:59:59Z"),
-            "c-host": command("c-host", host_ip, stamp(now)),
-            "c-broker": command("c-broker", broker_ip, stamp(now)),
-            "c-week-ahead": command("c-week-ahead", "203.0.113.3", stamp(now + 120), ttl_s=WEEK),
+            "c-host": command("c-host", host_ip, schemas.format_time(now)),
+            "c-broker": command("c-broker", broker_ip, schemas.format_time(now)),
+            "c-week-ahead": command("c-week-ahead", "203.0.113.3", schemas.format_time(now + 120), ttl_s=WEEK),
         }
         # 198.19.0.0/16: the benchmarking range's upper half, which no test sends traffic from.
-        flood = {f"flood-{i}": command(f"flood-{i}", f"198.19.{i >> 8}.{i & 255}", stamp(now)) for i in range(FLOOD)}
+        flood = {f"flood-{i}": command(f"flood-{i}", f"198.19.{i >> 8}.{i & 255}", schemas.format_time(now)) for i in range(FLOOD)}
         sent = {**special, **flood}
         kafka = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "enable.idempotence": True})
         headers = schemas.headers("control")
@@ -146,9 +141,9 @@ def test_no_command_stops_the_enforcer_and_a_restart_attaches(testnet, broker_fa
     full = [cid for cid, w in why.items() if w == f"blocklist full: {CAPACITY} entries (IPv4)"]
     assert len(applied) == CAPACITY and len(full) == FLOOD - (CAPACITY - 1)  # c-week-ahead took one place
     assert why["c-week-ahead"] is None
-    week_ahead = schemas.timestamp_s(by_id["c-week-ahead"]["xdpwatch"]["enforcement"]["expires"])
+    week_ahead = schemas.parse_time(by_id["c-week-ahead"]["xdpwatch"]["enforcement"]["expires"])
     assert now + WEEK <= week_ahead < now + 120 + WEEK  # clamped to received + 7 days
-    latest = max(schemas.timestamp_s(d["xdpwatch"]["enforcement"]["expires"]) for d in applied)
+    latest = max(schemas.parse_time(d["xdpwatch"]["enforcement"]["expires"]) for d in applied)
     assert latest <= time.time() + WEEK, "no block past 7 days"
 
     # A restart replays all 20,005 commands before attaching: the same blocks, then attached.
