@@ -170,7 +170,7 @@ _SPOOLS = tempfile.TemporaryDirectory(prefix="xw-bench-spools-")  # removed when
 def spooled_exporter(bootstrap: str, prefix: str) -> KafkaExporter:
     """The exporter as `xdpwatch produce` sets it up: librdkafka's default queue, and a
     spool (in a temporary directory) that takes what overflows it."""
-    exporter = KafkaExporter(bootstrap, prefix, {})
+    exporter = KafkaExporter({"bootstrap.servers": bootstrap}, prefix)
     exporter.use_spool(Spool(Path(tempfile.mkdtemp(dir=_SPOOLS.name)), 1 << 30))
     return exporter
 
@@ -878,13 +878,13 @@ def restore_child(bootstrap: str, topic: str) -> dict:
 
     from xdpwatch.producer.enforcement import Enforcer, Policy
     from xdpwatch.producer.events import EventShaper
-    from xdpwatch.producer.exporter import ControlReader
+    from xdpwatch.kafka.read import ControlReader
     from xdpwatch.producer.hostnet import host_protected
 
     logging.disable(logging.ERROR)  # one "blocking ..." line per restored block otherwise
     prog = XdpProgram(BpfConfig(enforce_mode="enforce"))
     loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # bcc and LLVM, before any command
-    reader = ControlReader(bootstrap, topic)
+    reader = ControlReader({"bootstrap.servers": bootstrap}, topic)
     t0 = time.perf_counter()
     read = sum(1 for _ in reader.catch_up())
     read_s = time.perf_counter() - t0
@@ -892,7 +892,7 @@ def restore_child(bootstrap: str, topic: str) -> dict:
     published = []
     enf = Enforcer(prog, "enforce", Policy(), lambda doc: published.append(len(doc)), EventShaper("bench0"))
     enf.protect(host_protected())
-    reader = ControlReader(bootstrap, topic)
+    reader = ControlReader({"bootstrap.servers": bootstrap}, topic)
     t0 = time.perf_counter()
     stats = enf.restore(reader.catch_up())
     restore_s = time.perf_counter() - t0
@@ -966,7 +966,7 @@ def spool_check(broker: Broker, quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="xw-bench-spool-") as d:
         Spool(Path(d), 1 << 30).prepend([("ssh-flows", k, v) for k, v in messages[m - n // 2:]])
         spool = Spool(Path(d), 1 << 30)  # as the next run opens it
-        exporter = KafkaExporter(broker.bootstrap, prefix, {})
+        exporter = KafkaExporter({"bootstrap.servers": broker.bootstrap}, prefix)
         t0 = time.perf_counter()
         exporter.use_spool(spool)
         check_s = time.perf_counter() - t0

@@ -513,7 +513,8 @@ class AlertSink:
         self.count = 0
         self._kafka = self._file = None
         if output == "kafka":
-            from xdpwatch.consumers.base import AckedProducer, ensure_topics
+            from xdpwatch.kafka.admin import ensure_topics
+            from xdpwatch.kafka.produce import AckedProducer
 
             ensure_topics(kafka_conf, [topic])
             self._kafka = AckedProducer(kafka_conf, topic, "an alert")
@@ -554,7 +555,7 @@ class AlertHandler:
     observer), alerts to `sink`, and each alert handed on to `on_alert` (e.g.
     consumers.control.BlockOnAlert) once published.
 
-    Exactly once across restarts, kills and rebalances (with `history`, a history.Reader):
+    Exactly once across restarts, kills and rebalances (with `history`, an xdpwatch.kafka.read.Reader):
     when the group gives it a partition that has a committed offset C, it first rebuilds that
     partition's state as the last owner had it, by feeding the events of the longest window
     (and the baseline's history) before C to a fresh detector without alerting; then reads
@@ -647,7 +648,7 @@ class AlertHandler:
         partition is read again from its beginning: any alert may come again). Returns how
         many events were fed."""
         from xdpwatch.consumers.base import decode
-        from xdpwatch.consumers.history import MARGIN_S
+        from xdpwatch.kafka.read import MARGIN_S
 
         h = self.history
         readback = self.alerts_topic is not None

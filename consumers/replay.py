@@ -245,19 +245,17 @@ class KafkaSink:
     """To `<prefix>.<stream>`, keyed and with headers as the producer does; idempotent."""
 
     def __init__(self, conf: dict, prefix: str, streams: list[str]):
-        from confluent_kafka import KafkaException, Producer
+        from confluent_kafka import Producer
 
-        from xdpwatch.consumers.base import ensure_topics
+        from xdpwatch.kafka.admin import ensure_topics
+        from xdpwatch.kafka.config import client
+        from xdpwatch.kafka.produce import STREAMING
 
         ensure_topics(conf, [schemas.topic(prefix, s) for s in streams])
         self.prefix = prefix
         self.failed = 0
         self._errors: list[str] = []
-        try:
-            self._p = Producer({**conf, "enable.idempotence": True, "acks": "all",
-                                "compression.type": "zstd", "linger.ms": 20})
-        except KafkaException as e:
-            raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
+        self._p = client(Producer, {**conf, **STREAMING})
 
     def _delivered(self, err, _msg) -> None:
         if err is not None:

@@ -19,7 +19,8 @@ from xdpwatch import schemas
 from xdpwatch.producer.enforcement import Enforcer, Policy
 from xdpwatch.producer.errors import ConfigError
 from xdpwatch.producer.events import Clock, CounterDeltas, EventShaper
-from xdpwatch.producer.exporter import ControlReader, DeliveryStats, Exporter
+from xdpwatch.kafka.read import ControlReader
+from xdpwatch.producer.exporter import DeliveryStats, Exporter
 from xdpwatch.producer.flows import FlowReport, FlowTimeouts, FlowTracker
 from xdpwatch.producer.hostnet import Protected, broker_protected, host_protected
 from xdpwatch.producer.loader import BpfConfig, XdpProgram

@@ -176,6 +176,16 @@ def parse_time(text: str) -> float:
     return t.timestamp()
 
 
+def event_id(value: bytes) -> str | None:
+    """The event.id of a serialized document, None when it has none or is not JSON."""
+    import orjson
+
+    try:
+        return orjson.loads(value)["event"]["id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def key_of(stream: str, doc: dict) -> bytes | None:
     """The Kafka message key of a document: what keeps related events in one partition.
 

@@ -64,10 +64,10 @@ def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.text) -> None:
 
 def kafka_options(pairs: list[str], config_file: Path | None = None) -> dict[str, str]:
     """librdkafka settings: the --kafka-config file, then XDPWATCH_KAFKA_* variables, then
-    `-X key=value` (as kcat takes them), each overriding the one before (kafka_config.py).
+    `-X key=value` (as kcat takes them), each overriding the one before (xdpwatch.kafka.config).
     From then on every secret among them is blanked out of logs and errors; a secret given
     with -X gets a warning naming the safer ways."""
-    from xdpwatch.kafka_config import env_name, resolve
+    from xdpwatch.kafka.config import env_name, resolve
     from xdpwatch.observability import hide
 
     try:
@@ -192,7 +192,8 @@ def produce(
     """
     from xdpwatch.producer.enforcement import Policy
     from xdpwatch.producer.errors import ConfigError, DeliveryError
-    from xdpwatch.producer.exporter import ControlReader, KafkaExporter, StdoutExporter
+    from xdpwatch.kafka.read import ControlReader
+    from xdpwatch.producer.exporter import KafkaExporter, StdoutExporter
     from xdpwatch.producer.flows import FlowTimeouts
     from xdpwatch.producer.loader import BpfConfig, render_source
     from xdpwatch.producer.pipeline import ProduceConfig, run
@@ -224,15 +225,15 @@ def produce(
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
         streams = ("packet-counts", "ssh-flows") + (("enforcement",) if mode != "off" else ())
-        extra = kafka_options(kafka_option, kafka_config)
-        exporter = KafkaExporter(bootstrap_servers, topic_prefix, extra, streams=streams)
+        conf = {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option, kafka_config)}
+        exporter = KafkaExporter(conf, topic_prefix, streams=streams)
         control_topic = schemas.topic(topic_prefix, "control")
         exporter.ensure_topics(topic_partitions, topic_replication,
                                single_partition=(control_topic,) if mode != "off" else ())
         if spool_max_mb:  # after Kafka answered: a wrong broker address leaves no trace on disk
             exporter.use_spool(open_spool(spool_dir, spool_max_mb))
         if mode != "off":
-            control = ControlReader(bootstrap_servers, control_topic, extra)
+            control = ControlReader(conf, control_topic)
     else:
         exporter = StdoutExporter()
 
@@ -332,7 +333,7 @@ def alert(
     is blocked in the kernel by producers that run with --enforce."""
     from xdpwatch.consumers.alert import DEFAULT_RULES, AlertHandler, AlertSink, load_rules
     from xdpwatch.consumers.base import run_loop
-    from xdpwatch.consumers.history import Reader
+    from xdpwatch.kafka.read import Reader
     from xdpwatch.consumers.errors import ConsumerError
 
     if print_default_rules:

@@ -182,7 +182,7 @@ def test_a_burst_bigger_than_the_local_queue_needs_no_spool_while_the_broker_is_
     event takes 10 µs, about the producer's own work per event; before, 2/3 of this burst
     went through the spool."""
     broker = broker_factory()
-    exporter = KafkaExporter(broker.bootstrap, "burst", {"queue.buffering.max.messages": "10000"})
+    exporter = KafkaExporter({"bootstrap.servers": broker.bootstrap, "queue.buffering.max.messages": "10000"}, "burst")
     exporter.ensure_topics(3, 1)
     spool = Spool(tmp_path / "spool", 1 << 30)
     exporter.use_spool(spool)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xdpwatch.kafka_config import env_name
+from xdpwatch.kafka.config import env_name
 from xdpwatch.lab import listening
 
 from .env import TlsFront, WireTap, consume_all, free_port, make_certs, wait_for
