@@ -32,6 +32,7 @@ from xdpwatch import __version__, schemas
 from xdpwatch.consumers.archive import Archiver
 from xdpwatch.consumers.base import LoopStats, consumer_conf, run_loop
 from xdpwatch.consumers.replay import Filters, ReplayStats, replay, select_inputs
+from xdpwatch.kafka.read import Reader
 from xdpwatch.lab import Broker, Net, free_port, scrape, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
@@ -392,17 +393,12 @@ def events_to_kafka(broker: Broker, quick: bool) -> dict:
 
 
 def read_back(bootstrap: str, topic: str, n: int) -> list[tuple[bytes, bytes]]:
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-read", "enable.auto.commit": False})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    out: list[tuple[bytes, bytes]] = []
-    deadline = time.monotonic() + 120
-    while len(out) < n and time.monotonic() < deadline:
-        out += [(m.key(), m.value()) for m in c.consume(10_000, 0.5) if m.error() is None]
-    c.close()
-    return out[:n]
+    """The first `n` (key, value) of `topic`, read to its end."""
+    reader = Reader({"bootstrap.servers": bootstrap}, "bench-read")
+    try:
+        return [(m.key(), m.value()) for m in reader.tail(topic)][:n]
+    finally:
+        reader.close()
 
 
 def produce_all(bootstrap: str, topic: str, messages, conf: dict | None = None, partitions: int = 3) -> None:

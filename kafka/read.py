@@ -101,9 +101,7 @@ class Reader:
         ends = {(t, p): end for t, p, start, end in ranges if end is None or start < 0 or start < end}
         if not ends:
             return
-        assigned = [TopicPartition(t, p, start) for t, p, start, _ in ranges if (t, p) in ends]
-        self._c.assign(assigned)
-        self._c.resume(assigned)  # librdkafka keeps a partition paused by an earlier read across assignments
+        self.follow([(t, p, start) for t, p, start, _ in ranges if (t, p) in ends])
 
         def done(key) -> None:
             del ends[key]
@@ -143,6 +141,15 @@ class Reader:
             if not follow:
                 self._c.unassign()
 
+    def follow(self, starts: list[tuple[str, int, int]]) -> None:
+        """Read each (topic, partition) from its `start` offset (or OFFSET_BEGINNING) on:
+        `poll` takes what comes, as it comes."""
+        from confluent_kafka import TopicPartition
+
+        assigned = [TopicPartition(t, p, start) for t, p, start in starts]
+        self._c.assign(assigned)
+        self._c.resume(assigned)  # librdkafka keeps a partition paused by an earlier read across assignments
+
     def tail(self, topic: str, since_s: float = 0.0) -> Iterator:
         """Every message of `topic` produced at `since_s` or later (and maybe some before;
         all of them by default), each partition in order, up to the end of each partition."""
@@ -150,8 +157,9 @@ class Reader:
         return self.read([(t, p, start, None) for t, p, start in starts])
 
     def poll(self, max_messages: int = 500, timeout: float = 0.0) -> list:
-        """After a `read(..., follow=True)`: the next messages, waiting at most `timeout` s;
-        end-of-partition events left out, other errors left in (`m.error()`) for the caller."""
+        """After `follow` or a `read(..., follow=True)`: the next messages, waiting at most
+        `timeout` s; end-of-partition events left out, other errors left in (`m.error()`)
+        for the caller."""
         from confluent_kafka import KafkaError
 
         return [m for m in self._c.consume(max_messages, timeout)

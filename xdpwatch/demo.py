@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+from confluent_kafka import OFFSET_BEGINNING
 
 from xdpwatch import schemas
 from xdpwatch.errors import XdpwatchError
+from xdpwatch.kafka.read import Reader
 from xdpwatch.lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for
 
 DEMO_NET = 0  # names xw0-*, xwc0, xwbr0; subnet 198.18.0.0/24 (tests use 1-250)
@@ -150,28 +152,26 @@ DEMO_STREAMS = ("packet-counts", "ssh-flows", "alerts")
 
 
 def read_topics(bootstrap: str, topics: list[str], view: View, stop: threading.Event) -> None:
-    """Every message of `topics` from the beginning into `view` (assign, no group)."""
-    from confluent_kafka import Consumer
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xdpwatch-demo-view", "enable.auto.commit": False})
+    """Every message of `topics` from the beginning into `view`, as it arrives, until `stop`."""
+    reader = None
     try:
-        _read_into(c, topics, view, stop)
+        reader = Reader({"bootstrap.servers": bootstrap}, "demo-view")
+
+        def partitions() -> dict | None:
+            found = {t: reader.partitions(t) for t in topics}
+            return found if all(found.values()) else None
+
+        found = wait_for(partitions, 60, "the demo topics")
+        reader.follow([(t, p, OFFSET_BEGINNING) for t in topics for p in found[t]])
+        while not stop.is_set():
+            for m in reader.poll(500, 0.2):
+                if m.error() is None:
+                    view.add(m.topic(), orjson.loads(m.value()))
     except Exception as e:  # noqa: BLE001 (reported by the main thread)
         view.reader_error = f"reading {', '.join(topics)} failed: {e}"
     finally:
-        c.close()
-
-
-def _read_into(c, topics: list[str], view: View, stop: threading.Event) -> None:
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-    meta = wait_for(lambda: (m := c.list_topics(timeout=5)) and all(t in m.topics for t in topics) and m,
-                    60, "the demo topics")
-    c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta.topics[t].partitions])
-    while not stop.is_set():
-        for m in c.consume(500, 0.2):
-            if m.error() is None:
-                view.add(m.topic(), orjson.loads(m.value()))
+        if reader is not None:
+            reader.close()
 
 
 def render(view: View, duration: float):

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+from confluent_kafka import OFFSET_BEGINNING
 
 from xdpwatch import schemas
+from xdpwatch.kafka.read import Reader
 from xdpwatch.lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for  # noqa: F401
 
 SENDFRAMES = Path(__file__).resolve().parent.parent / "sendframes.py"
@@ -38,22 +40,20 @@ class Record:
 
 def consume_all(bootstrap: str, topic: str, *, min_messages: int = 0, idle_timeout: float = 2.0,
                 timeout: float = 30.0, conf: dict | None = None) -> list[Record]:
-    """Every record of `topic` from the beginning (assign, no group), ordered by partition and
-    offset. Returns once `min_messages` arrived and nothing new came for `idle_timeout`."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xw-test-reader", "enable.auto.commit": False,
-                  **(conf or {})})
+    """Every record of `topic` from the beginning (the Kafka wing's Reader: assigned, no group),
+    ordered by partition and offset. Returns once `min_messages` arrived and nothing new came
+    for `idle_timeout`."""
+    reader = Reader({"bootstrap.servers": bootstrap, **(conf or {})}, "test")
     try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        if meta.error is not None:
-            raise AssertionError(f"topic {topic}: {meta.error}")
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        partitions = reader.partitions(topic)
+        if not partitions:
+            raise AssertionError(f"topic {topic} does not exist")
+        reader.follow([(topic, p, OFFSET_BEGINNING) for p in partitions])
         out: list[Record] = []
         deadline = time.monotonic() + timeout
         last_new = time.monotonic()
         while time.monotonic() < deadline:
-            for m in c.consume(500, 0.2):
+            for m in reader.poll(500, 0.2):
                 if m.error():
                     raise AssertionError(f"consume {topic}: {m.error()}")
                 out.append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or []))
@@ -64,7 +64,7 @@ def consume_all(bootstrap: str, topic: str, *, min_messages: int = 0, idle_timeo
             raise AssertionError(f"{topic}: {len(out)} messages after {timeout}s, expected at least {min_messages}")
         return sorted(out, key=lambda r: (r.partition, r.offset))
     finally:
-        c.close()
+        reader.close()
 
 
 def documents(broker, topic, **kw):

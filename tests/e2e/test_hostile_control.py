@@ -18,6 +18,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from xdpwatch import schemas
+from xdpwatch.kafka.read import Reader
 
 from .env import NOBODY_MAC, consume_all
 from .procs import XDPWATCH, ProducerProc
@@ -48,11 +49,10 @@ class Tail:
     """A topic read from its beginning as records arrive (assign, no group)."""
 
     def __init__(self, bootstrap: str, topic: str):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING
 
-        self.c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xw-test-tail", "enable.auto.commit": False})
-        meta = self.c.list_topics(topic, timeout=10).topics[topic]
-        self.c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        self.reader = Reader({"bootstrap.servers": bootstrap}, "test-tail")
+        self.reader.follow([(topic, p, OFFSET_BEGINNING) for p in self.reader.partitions(topic)])
         self.docs: list[dict] = []
 
     def until(self, done, timeout: float, what: str) -> list[dict]:
@@ -60,13 +60,13 @@ class Tail:
         deadline = time.monotonic() + timeout
         while not done(self.docs):
             assert time.monotonic() < deadline, f"{what}: not after {timeout}s ({len(self.docs)} records)"
-            for m in self.c.consume(1000, 0.2):
+            for m in self.reader.poll(1000, 0.2):
                 assert m.error() is None, m.error()
                 self.docs.append(orjson.loads(m.value()))
         return self.docs
 
     def close(self) -> None:
-        self.c.close()
+        self.reader.close()
 
 
 def rss_mb(pid: int) -> float:
