@@ -39,7 +39,7 @@ from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
 from xdpwatch.producer.loader import BpfConfig, XdpProgram
 from xdpwatch.producer.events import Clock
-from xdpwatch.producer.pipeline import ProduceConfig, _Run
+from xdpwatch.producer.pipeline import Pipeline, ProduceConfig
 from xdpwatch.producer.spool import Spool
 from xdpwatch.producer.records import CounterId
 
@@ -186,7 +186,7 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
-    run = _Run(cfg, prog, exporter, None)
+    run = Pipeline(cfg, prog, exporter)
     if prefill:  # flows already in the table (their events are consumed before timing)
         inject(prog, prefill, start=10_000_000)
         while exporter.stats.delivered < prefill:
@@ -351,7 +351,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
-    run = _Run(cfg, prog, exporter, None)
+    run = Pipeline(cfg, prog, exporter)
     injector = threading.Thread(target=inject, args=(prog, n))
     t0 = time.perf_counter()
     run.start()

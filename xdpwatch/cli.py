@@ -103,17 +103,6 @@ def _prefix(text: str, option: str):
     return _option(parse_prefix, text, option)
 
 
-def open_spool(directory: Path, max_mb: int):
-    from xdpwatch.producer.errors import ConfigError
-    from xdpwatch.producer.spool import Spool
-
-    try:
-        return Spool(directory, max_mb << 20)
-    except OSError as e:
-        raise ConfigError(f"cannot use spool directory {directory} ({e.strerror}): choose another with --spool-dir, "
-                          "or run without a spool with --spool-max-mb 0") from None
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"xdpwatch {__version__}")
@@ -182,6 +171,8 @@ def produce(
     metrics_address: MetricsAddressOpt = "127.0.0.1",
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.text,
+    summary_file: Annotated[Optional[Path], typer.Option(envvar="XDPWATCH_SUMMARY_FILE", metavar="FILE", dir_okay=False,
+                                                         help="At exit, write the run's figures there as one JSON object (mode 0600, replaced whole): packets, SSH flows, evictions, kernel drops, and the events produced, delivered, failed, undelivered, spooled, dropped and found already in Kafka. For scripts; the last log line says the same.")] = None,
     dump_bpf: Annotated[bool, typer.Option(hidden=True, help="Print the BPF source as compiled and exit.")] = False,
 ) -> None:
     """Attach the XDP program to an interface and stream packet counts and SSH flows to Kafka.
@@ -190,79 +181,34 @@ def produce(
     (reason shutdown), flushes Kafka, detaches XDP. Exit code 0 when every event was
     delivered, 3 when some were not, 1 on a configuration error.
     """
-    from xdpwatch.producer.enforcement import Policy
-    from xdpwatch.producer.errors import ConfigError, DeliveryError
-    from xdpwatch.kafka.read import ControlReader
-    from xdpwatch.producer.exporter import KafkaExporter, StdoutExporter
-    from xdpwatch.producer.flows import FlowTimeouts
-    from xdpwatch.producer.loader import BpfConfig, render_source
-    from xdpwatch.producer.pipeline import ProduceConfig, run
+    from xdpwatch.producer import pipeline
+    from xdpwatch.producer.errors import ConfigError
+    from xdpwatch.producer.loader import render_source
 
     _setup_logging(log_level, log_format)
     if enforce and dry_run:
         raise ConfigError("--enforce and --dry-run exclude each other: choose one")
-    mode = "enforce" if enforce else "dry_run" if dry_run else "off"
-    bpf_cfg = BpfConfig(tuple(sorted(set(ssh_port))), flow_table_size, ringbuf_pages, mode, syn_rate_limit, syn_burst)
-    bpf_cfg.validate()
-    policy = Policy(allow=tuple(_prefix(p, "--allow") for p in allow))
-    if mode != "off" and output is not Output.kafka:
-        raise ConfigError("--enforce and --dry-run take their commands from Kafka: use --output kafka")
+    options = pipeline.Options(
+        iface=iface, output=output.value, kafka=None, interval_s=interval, flow_idle_timeout_s=flow_idle_timeout,
+        flow_active_timeout_s=flow_active_timeout, flow_fin_linger_s=flow_fin_linger, ssh_ports=tuple(ssh_port),
+        topic_prefix=topic_prefix, topic_partitions=topic_partitions, topic_replication=topic_replication,
+        xdp_mode=xdp_mode.value, egress=egress, flow_table_size=flow_table_size, ringbuf_pages=ringbuf_pages,
+        shutdown_timeout_s=shutdown_timeout, spool_dir=spool_dir, spool_max_mb=spool_max_mb,
+        enforce_mode="enforce" if enforce else "dry_run" if dry_run else "off",
+        allow=tuple(_prefix(p, "--allow") for p in allow), syn_rate_limit=syn_rate_limit, syn_burst=syn_burst,
+        metrics_port=metrics_port, metrics_address=metrics_address, summary_file=summary_file)
+    bpf = options.check()
     if dump_bpf:
-        typer.echo(render_source(bpf_cfg), nl=False)
+        typer.echo(render_source(bpf), nl=False)
         return
-    cfg = ProduceConfig(
-        iface=iface, interval_s=interval, xdp_mode=xdp_mode.value, bpf=bpf_cfg,
-        timeouts=FlowTimeouts(idle_ns=int(flow_idle_timeout * 1e9), active_ns=int(flow_active_timeout * 1e9),
-                              fin_linger_ns=int(flow_fin_linger * 1e9)),
-        sweep_s=min(1.0, interval), flush_timeout_s=shutdown_timeout, policy=policy, egress=egress,
-        kafka_brokers=tuple(bootstrap_servers.split(",")) if bootstrap_servers else (),
-    )
-    from xdpwatch.producer.loader import ifindex_of
-    ifindex_of(iface)  # fail on a bad interface before touching Kafka
-
-    control = None
     if output is Output.kafka:
         if not bootstrap_servers:
             raise ConfigError("--bootstrap-servers (or XDPWATCH_BOOTSTRAP_SERVERS) is required with --output kafka")
-        streams = ("packet-counts", "ssh-flows") + (("enforcement",) if mode != "off" else ())
-        conf = {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option, kafka_config)}
-        exporter = KafkaExporter(conf, topic_prefix, streams=streams)
-        control_topic = schemas.topic(topic_prefix, "control")
-        exporter.ensure_topics(topic_partitions, topic_replication,
-                               single_partition=(control_topic,) if mode != "off" else ())
-        if spool_max_mb:  # after Kafka answered: a wrong broker address leaves no trace on disk
-            exporter.use_spool(open_spool(spool_dir, spool_max_mb))
-        if mode != "off":
-            control = ControlReader(conf, control_topic)
-    else:
-        exporter = StdoutExporter()
-
+        options.kafka = {"bootstrap.servers": bootstrap_servers, **kafka_options(kafka_option, kafka_config)}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    from xdpwatch.observability import serve_metrics
-    from xdpwatch.producer.metrics import ProducerMetrics
-
-    metrics = ProducerMetrics(iface, flow_table_size, exporter.stats) if metrics_port else None
-    serve_metrics(metrics_port, metrics, metrics_address)
-    try:
-        summary = run(cfg, exporter, stop, metrics, control)
-    finally:
-        if control is not None:
-            control.close()
-    d = summary.delivery
-    logging.getLogger("xdpwatch").info(
-        "stopped: %d packets, %d SSH flows (%d evicted), %d ring-buffer drops; events produced %d, "
-        "delivered %d, failed %d, undelivered %d, spooled %d, dropped %d, already in Kafka %d",
-        summary.packets, summary.flows_started, summary.flows_evicted, summary.ringbuf_drops,
-        d.produced, d.delivered, d.failed, d.pending, d.spooled, d.dropped, d.already_in_kafka)
-    lost = d.failed + d.pending + d.dropped
-    if lost:
-        raise DeliveryError(f"{lost} of {d.produced + d.dropped} events were not delivered to Kafka "
-                            "(see the errors above)" + (f"; {d.spooled} more wait in the spool" if d.spooled else ""))
-    if d.spooled:
-        raise DeliveryError(f"Kafka did not take every event before the shutdown timeout: {d.spooled} wait in "
-                            f"the spool {spool_dir} and are sent first at the next start")
+    pipeline.finish(pipeline.build(options).run(stop), options)
 
 
 def _consumer_setup(bootstrap_servers, group_id, from_beginning, kafka_option, dead_letter, topic_prefix,

@@ -291,7 +291,8 @@ class Demo:
         procs["produce"] = Proc("produce", xdpwatch("produce", "--iface", net.iface, *bs, "--interval", "1",
                                                     "--flow-idle-timeout", "10", "--flow-fin-linger", "0.5",
                                                     "--metrics-port", str(prod_port),
-                                                    "--spool-dir", str(self.workdir / "spool")), logs)
+                                                    "--spool-dir", str(self.workdir / "spool"),
+                                                    "--summary-file", str(logs / "produce.summary.json")), logs)
         wait_for(lambda: self._alive(procs["produce"]) and "attached XDP program" in procs["produce"].log(),
                  60, "the producer to attach")
         say(f"producer attached to {net.iface} (metrics on :{prod_port})")
@@ -323,7 +324,7 @@ class Demo:
         view.phase = "stopping: producer (last interval, open flows end)"
         procs["traffic"].stop(signal.SIGKILL)
         rc = procs["produce"].stop()
-        view.delivery = self._delivery(procs["produce"])
+        view.delivery = self._delivery(logs / "produce.summary.json")
         view.phase = "stopping: consumers finish reading"
         expected = lambda: sum(view.messages.values())  # noqa: E731
         for name, port, streams in (("alert", alert_port, ("packet-counts", "ssh-flows")),
@@ -405,12 +406,13 @@ class Demo:
         return p.proc.poll() is None
 
     @staticmethod
-    def _delivery(p: Proc) -> dict:
-        for line in reversed(p.log().splitlines()):
-            if "events produced" in line:
-                words = line.replace(",", "").split()
-                return {k: int(words[words.index(k) + 1]) for k in ("produced", "delivered", "failed")}
-        return {}
+    def _delivery(summary_file: Path) -> dict:
+        """What the producer's --summary-file says it produced, delivered, failed ({} if none)."""
+        try:
+            events = json.loads(summary_file.read_text())["events"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        return {k: events[k] for k in ("produced", "delivered", "failed")}
 
     def _summary(self, view: View, messages: int) -> dict:
         from xdpwatch.consumers.archive import list_segments
