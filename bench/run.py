@@ -33,7 +33,7 @@ from xdpwatch.consumers.archive import Archiver
 from xdpwatch.consumers.base import LoopStats, consumer_conf, run_loop
 from xdpwatch.consumers.replay import Filters, ReplayStats, replay, select_inputs
 from xdpwatch.kafka.read import Reader
-from xdpwatch.lab import Broker, Net, free_port, scrape, sh, wait_for
+from xdpwatch.demo.lab import Broker, Net, free_port, scrape, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts

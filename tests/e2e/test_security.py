@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from xdpwatch.kafka.config import env_name
-from xdpwatch.lab import listening
 
+from ..sockets import listening
 from .env import TlsFront, WireTap, consume_all, free_port, make_certs, wait_for
 from .procs import XDPWATCH, ProducerProc
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from xdpwatch import observability
-from xdpwatch.lab import free_port, listening
+from xdpwatch.demo.lab import free_port
+
+from ..sockets import listening
 from xdpwatch.kafka.config import (SECRET_PROPERTIES, KafkaConfigError, env_name, from_environ, is_secret,
                                    parse_properties, read_properties, resolve)
 
