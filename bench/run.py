@@ -584,7 +584,7 @@ def archive_and_replay(broker: Broker, n: int) -> dict:
         arch_dir = Path(d) / "archive"
         arch = TimedArchiver(arch_dir, 64_000_000, 300)
         stop = threading.Event()
-        conf = consumer_conf(broker.bootstrap, "bench-archive", True, {"session.timeout.ms": "6000"})
+        conf = consumer_conf({"bootstrap.servers": broker.bootstrap, "session.timeout.ms": "6000"}, "bench-archive", True)
         run_loop(conf, [topic], arch, NullDeadLetter(), stop, idle_exit_s=2.0, stats=LoopStats())
         arch_s = arch.last - arch.first
 

@@ -196,9 +196,10 @@ class ConsumerMetrics:
                 yield c
 
 
-def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: dict[str, str]) -> dict:
+def consumer_conf(client: dict, group_id: str, from_beginning: bool) -> dict:
+    """The loop's consumer settings over the client settings (bootstrap.servers, -X ...),
+    which may change any of them."""
     return {
-        "bootstrap.servers": bootstrap,
         "group.id": group_id,
         "enable.auto.offset.store": False,
         "enable.auto.commit": True,
@@ -209,7 +210,7 @@ def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: di
         # a full queue is refilled after 20 ms, not 1 s (which starved a slow handler).
         "queued.max.messages.kbytes": 16384,
         "fetch.queue.backoff.ms": 20,
-        **extra,
+        **client,
     }
 
 

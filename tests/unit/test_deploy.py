@@ -83,9 +83,9 @@ def test_producer_has_what_xdp_needs_and_no_more():
     # The spool (events waiting for Kafka) outlives the container, where the producer looks.
     import inspect
 
-    from xdpwatch import cli
+    from xdpwatch.cli.produce import produce
 
-    default = inspect.signature(cli.produce).parameters["spool_dir"].default
+    default = inspect.signature(produce).parameters["spool_dir"].default
     assert f"spool:{default}" in p["volumes"] and "spool" in COMPOSE["volumes"]
 
 
