@@ -152,3 +152,11 @@ def test_built_package_carries_bpf_sources_and_schemas(tmp_path):
     for f in ("bpf/xdpwatch.bpf.c", "bpf/xdpwatch.h", "bpf/config.h", "schemas/ssh-flow.v1.json",
               "schemas/packet-counts.v1.json", "schemas/alert.v1.json", "consumers/archive.py", "producer/loader.py"):
         assert f"xdpwatch/{f}" in names, f
+    # Every module of every package folder (a subpackage missing from pyproject's list is not installed).
+    import tomllib
+
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    source = {f"{package.replace('.', '/')}/{p.relative_to(ROOT / folder)}"
+              for package, folder in dirs.items() for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
+    assert {"xdpwatch/kafka/read.py", "xdpwatch/cli/produce.py", "xdpwatch/demo/traffic.py"} <= source
+    assert source <= names, sorted(source - names)
