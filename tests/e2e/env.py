@@ -23,7 +23,8 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from xdpwatch import schemas
 from xdpwatch.kafka.read import Reader
-from xdpwatch.demo.lab import VENV_BIN, Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for  # noqa: F401
+from xdpwatch.demo.lab import (VENV_BIN, Broker, LabError, Net, Sshd, free_port, scrape, sh,  # noqa: F401
+                               terminate, wait_for)
 
 SENDFRAMES = Path(__file__).resolve().parent.parent / "sendframes.py"
 NOBODY_MAC = "02:00:00:00:00:99"  # owned by no interface: frames are seen by XDP, answered by nobody
@@ -110,9 +111,7 @@ class S3Server:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait()
+        terminate(self.proc)
         self.log.close()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +47,17 @@ def scrape(port: int) -> dict[str, float]:
         return {}
     return {name: float(value) for name, _, value in
             (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End `proc`: SIGTERM, then SIGKILL if it is still there after `timeout` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -93,13 +103,7 @@ class Broker:
 
     def stop_process(self) -> None:
         """Stop the broker process: SIGTERM, SIGKILL after 5 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -252,11 +256,5 @@ LogLevel VERBOSE
                 f"root@{self.net.srv_ip}", "true"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
