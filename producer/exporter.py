@@ -72,7 +72,7 @@ class KafkaExporter:
         self.topics = {s: schemas.topic(topic_prefix, s) for s in streams}
         self._stream_of = {t: s for s, t in self.topics.items()}
         self._headers = {s: schemas.headers(s) for s in self.topics}
-        self.client = conf
+        self.settings = conf  # what its other clients (admin, read back) use
         self.conf = {"client.id": client_id, **KAFKA_DEFAULTS, **conf}
         self.stats = DeliveryStats()
         self.spool: Spool | None = None
@@ -110,7 +110,7 @@ class KafkaExporter:
             return set()
         started = time.monotonic()
         topics = sorted({self.topics[s] for s, _, _ in records if s in self.topics})
-        found = read_back_ids(self.client, topics, wanted, since - MARGIN_S)
+        found = read_back_ids(self.settings, topics, wanted, since - MARGIN_S)
         log.info("spool: %d of the %d events an earlier run had handed to Kafka without an answer are in Kafka "
                  "already: not sent again (checked in %.1fs)", len(found), len(wanted), time.monotonic() - started)
         return found
@@ -118,7 +118,7 @@ class KafkaExporter:
     def ensure_topics(self, partitions: int, replication: int, timeout: float = 15.0,
                       single_partition: tuple[str, ...] = ()) -> None:
         """Fail fast when the broker is unreachable; create missing topics (admin.ensure_topics)."""
-        admin.ensure_topics(self.client, list(self.topics.values()), partitions, replication, timeout, single_partition)
+        admin.ensure_topics(self.settings, list(self.topics.values()), partitions, replication, timeout, single_partition)
 
     def _on_delivery(self, err, msg) -> None:
         if err is None:  # only with delivery.report.only.error overridden by -X
