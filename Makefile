@@ -25,7 +25,7 @@ lock:
 	@bash scripts/lock.sh
 
 test: setup
-	$(PYTEST) -q -ra tests
+	$(PYTEST) -q -ra --durations=25 tests
 
 # The long variants of the crash and outage tests: 60 s broker outages, 100 producer and
 # 40 archiver kill -9 (about 20 minutes).
