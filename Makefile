@@ -30,7 +30,7 @@ test: setup
 # The long variants of the crash and outage tests: 60 s broker outages, 100 producer and
 # 40 archiver kill -9 (about 20 minutes).
 test-soak: setup
-	XDPWATCH_SOAK=1 $(PYTEST) -q -ra tests/e2e/test_outage.py tests/e2e/test_attach.py tests/e2e/test_archive.py
+	XDPWATCH_SOAK=1 $(PYTEST) -q -ra tests/e2e/test_outage.py tests/e2e/test_attach.py tests/e2e/test_archive.py tests/e2e/test_exactly_once.py
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
