@@ -94,6 +94,16 @@ def ring_pages(events: int) -> int:
 
 
 # ----------------------------------------------------------------------------- 1. XDP cost
+# The frames whose cost is measured (bench/xdp_ab.py measures the same ones); the ACKs belong
+# to a flow that a SYN opened first.
+XDP_PACKETS = {
+    "UDP, not SSH": udp_frame(),
+    "SSH, packet of an existing flow": tcp_frame(1, 40000, 22, ACK, b"x" * 32),
+    "SSH, new flow + ring-buffer events": tcp_frame(2, 40001, 22, SYN | RST),
+    "malformed (truncated IPv4)": udp_frame()[:14 + 12],
+}
+
+
 def run_ns(fd: int, pkt: bytes, repeat: int) -> float:
     """ns per run of program `fd` on `pkt` (BPF_PROG_TEST_RUN), to a tenth: the kernel
     reports whole ns only, so this is the thread's CPU time, for `repeat` runs minus that for
@@ -119,19 +129,13 @@ def xdp_cost(quick: bool) -> dict:
     prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch)))
     prog.open_events(lambda ev: None)
     prog.test_run(tcp_frame(1, 40000, 22, SYN))  # the flow that ACKs below belong to
-    packets = {
-        "UDP, not SSH": udp_frame(),
-        "SSH, packet of an existing flow": tcp_frame(1, 40000, 22, ACK, b"x" * 32),
-        "SSH, new flow + ring-buffer events": tcp_frame(2, 40001, 22, SYN | RST),
-        "malformed (truncated IPv4)": udp_frame()[:14 + 12],
-    }
 
     def ns(fd: int, pkt: bytes, n: int) -> float:
         return statistics.median(run_ns(fd, pkt, n) for _ in range(rounds))
 
     out = {name: {"ns": ns(fd, udp_frame(), repeat)} for name, fd in fds.items()}
     base = out["bare XDP_PASS"]["ns"]
-    for name, pkt in packets.items():
+    for name, pkt in XDP_PACKETS.items():
         if "new flow" in name:  # every repetition re-creates the flow (SYN after RST) and emits start + end
             runs = []
             for _ in range(max(rounds, repeat // batch)):

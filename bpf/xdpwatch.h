@@ -36,7 +36,7 @@ struct counter {
  * so that a packet looks the map up once, not once per counter it moves. */
 struct counters {
 	struct counter c[NR_COUNTERS];
-	/* Not counters: this CPU's cache of the coarse clock (xdpwatch.bpf.c, coarse_ns()),
+	/* Not counters: this CPU's cache of the coarse clock (flows.h, coarse_ns()),
 	 * here because this element is looked up for every packet anyway. */
 	__u64 clock_jiffies;  /* jiffies when clock_ns was read */
 	__u64 clock_ns;       /* bpf_ktime_get_coarse_ns() then */

@@ -12,6 +12,7 @@ import ctypes as ct
 import errno
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,6 @@ class BpfConfig:
 
     def cflags(self) -> list[str]:
         return [
-            f"-I{BPF_DIR}",
             f"-DFLOW_TABLE_SIZE={self.flow_table_size}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
             "-DIS_SSH_PORT(p)=(" + "||".join(f"(p)=={port}" for port in sorted(set(self.ssh_ports))) + ")",
@@ -100,19 +100,34 @@ class BpfConfig:
         ]
 
 
-def render_source(cfg: BpfConfig) -> str:
-    """The program as it is compiled: cflags, then the source with our headers inlined."""
-    def inline(path: Path) -> str:
-        out = []
-        for line in path.read_text().splitlines():
-            s = line.strip()
-            if s.startswith('#include "'):
-                out.append(f"/* ---- {s[10:-1]} ---- */\n" + inline(BPF_DIR / s[10:-1]))
-            else:
-                out.append(line)
-        return "\n".join(out)
+_LOCAL_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"')
 
-    return f"/* cflags: {' '.join(cfg.cflags())} */\n" + inline(SOURCE) + "\n"
+
+def render_source(cfg: BpfConfig, bpf_dir: Path = BPF_DIR) -> str:
+    """The program as it is compiled: cflags, then the source with our `#include "…"` files
+    inlined, recursively, each once (as their include guards would have it). `bpf_dir`: where
+    the sources are (another copy of bpf/, for benchmarks that compare two versions).
+
+    The loader compiles this text, not the file: bcc rewrites map calls (`flows.lookup(…)`)
+    only in the file it is given, so a header that uses a map must be part of it. `#line`
+    markers keep the compiler's messages pointing at the real file and line."""
+    seen: set[Path] = set()
+
+    def inline(path: Path) -> list[str]:
+        out = [f'#line 1 "{path}"']
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            m = _LOCAL_INCLUDE.match(line)
+            if not m:
+                out.append(line)
+                continue
+            header = bpf_dir / m[1]
+            if header not in seen:
+                seen.add(header)
+                out += inline(header)
+            out.append(f'#line {n + 1} "{path}"')
+        return out
+
+    return "\n".join([f"/* cflags: {' '.join(cfg.cflags())} */", *inline(bpf_dir / SOURCE.name)]) + "\n"
 
 
 class XdpProgram:
@@ -132,7 +147,7 @@ class XdpProgram:
                            "and use the .venv it creates") from None
         self._BPF = BPF
         try:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cfg.cflags())
+            self.bpf = BPF(text=render_source(cfg).encode(), cflags=cfg.cflags())
             self.fd = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP).fd
             self.egress_fd = self.bpf.load_func(EGRESS_PROG_NAME.encode(), BPF.SCHED_CLS).fd
         except Exception as e:  # bcc raises bare Exception for every failure

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from xdpwatch import schemas
 from xdpwatch.producer.errors import ConfigError
-from xdpwatch.producer.loader import BpfConfig, render_source
+from xdpwatch.producer.loader import BPF_DIR, SOURCE, BpfConfig, render_source
 
 XDPWATCH = [sys.executable, "-m", "xdpwatch"]
 
@@ -45,6 +47,21 @@ def test_dump_source_inlines_headers_and_shows_settings():
     src = render_source(BpfConfig(flow_table_size=1024, ringbuf_pages=8))
     assert "-DFLOW_TABLE_SIZE=1024" in src and "-DRINGBUF_PAGES=8" in src
     assert "struct flow_event {" in src and '#include "' not in src
+    # Every file of bpf/ once (the loader compiles this text: a header left out would not build).
+    starts = re.findall(r'^#line 1 "(.*)"$', src, re.M)
+    assert sorted(starts) == sorted(str(p) for p in [*BPF_DIR.glob("*.h"), SOURCE])
+
+
+def test_dump_source_line_markers_name_the_real_file_and_line():
+    """What the compiler reports as file:line is that line of that file."""
+    lines = render_source(BpfConfig()).splitlines()
+    checked = 0
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r'#line (\d+) "(.*)"', line)
+        if m and i + 1 < len(lines) and not lines[i + 1].startswith("#line "):
+            assert Path(m[2]).read_text().splitlines()[int(m[1]) - 1] == lines[i + 1], line
+            checked += 1
+    assert checked >= 2 * len(list(BPF_DIR.glob("*.h")))  # each header's start, and the line after it
 
 
 def test_unknown_interface_is_one_line_and_exit_1():

@@ -149,7 +149,9 @@ def test_built_package_carries_bpf_sources_and_schemas(tmp_path):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     names = set(zipfile.ZipFile(next(tmp_path.glob("xdpwatch-*.whl"))).namelist())
-    for f in ("bpf/xdpwatch.bpf.c", "bpf/xdpwatch.h", "bpf/config.h", "schemas/ssh-flow.v1.json",
+    bpf = [f"bpf/{p.name}" for p in (ROOT / "bpf").iterdir() if p.suffix in (".c", ".h")]
+    assert "bpf/xdpwatch.bpf.c" in bpf and "bpf/parse.h" in bpf
+    for f in (*bpf, "schemas/ssh-flow.v1.json",
               "schemas/packet-counts.v1.json", "schemas/alert.v1.json", "consumers/archive.py", "producer/loader.py"):
         assert f"xdpwatch/{f}" in names, f
     # Every module of every package folder (a subpackage missing from pyproject's list is not installed).
