@@ -83,9 +83,9 @@ def test_producer_has_what_xdp_needs_and_no_more():
     # The spool (events waiting for Kafka) outlives the container, where the producer looks.
     import inspect
 
-    from xdpwatch import cli
+    from xdpwatch.cli.produce import produce
 
-    default = inspect.signature(cli.produce).parameters["spool_dir"].default
+    default = inspect.signature(produce).parameters["spool_dir"].default
     assert f"spool:{default}" in p["volumes"] and "spool" in COMPOSE["volumes"]
 
 
@@ -156,6 +156,15 @@ def test_built_package_carries_bpf_sources_and_schemas(tmp_path):
         assert f"xdpwatch/{f}" in names, f
     # the compiled flow path, built from producer/_fastpath.c with the system compiler
     assert any(n.startswith("xdpwatch/producer/_fastpath.") and n.endswith(".so") for n in names), sorted(names)
+
+    # Every module of every package folder (a subpackage missing from pyproject's list is not installed).
+    import tomllib
+
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    source = {f"{package.replace('.', '/')}/{p.relative_to(ROOT / folder)}"
+              for package, folder in dirs.items() for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
+    assert {"xdpwatch/kafka/read.py", "xdpwatch/cli/produce.py", "xdpwatch/demo/traffic.py"} <= source
+    assert source <= names, sorted(source - names)
 
 
 def test_the_image_builds_the_compiled_flow_path_in_a_stage_of_its_own():

@@ -487,3 +487,28 @@ def test_the_sweep_reads_whole_chunks():
 
     with pytest.raises(ValueError, match="pair up"):
         compiled(fast_shaper, Bad()).sweep(S)
+
+
+class _Prog:
+    """What open_flow_path needs of an XdpProgram for the Python path."""
+
+    def open_events(self, handler):
+        self.handler = handler
+
+    def poll_events(self, timeout_ms):
+        return 0
+
+
+def test_without_the_build_auto_falls_back_to_python_with_one_warning_and_compiled_refuses(monkeypatch, caplog):
+    monkeypatch.setattr(flowpath, "_fastpath", None)
+    monkeypatch.setattr(flowpath, "_IMPORT_ERROR", "No module named 'xdpwatch.producer._fastpath'", raising=False)
+    shaper, timeouts = EventShaper("eth0", FixedClock()), FlowTimeouts()
+    with caplog.at_level("INFO", logger=flowpath.__name__):
+        flows = flowpath.open_flow_path("auto", _Prog(), shaper, timeouts, exporter=None)
+    assert flows.path == "python"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "flow events: Python path, the compiled one is not available (xdpwatch.producer._fastpath does "
+                    "not import (No module named 'xdpwatch.producer._fastpath')); `make setup` builds it")]
+    with pytest.raises(flowpath.ConfigError, match="compiled flow path is not available"):
+        flowpath.open_flow_path("compiled", _Prog(), shaper, timeouts, exporter=None)
+    assert flowpath.open_flow_path("python", _Prog(), shaper, timeouts, exporter=None).path == "python"
