@@ -1,7 +1,7 @@
 """Figure 2 of `make bench` alone, repeated: flow events to Kafka, the producer's own loop
 against the bare confluent-kafka loop producing the same lines, each ratio within one run.
 
-    sudo .venv/bin/python bench/flow_events.py [--runs 3] [--events 300000] [--profile]
+    sudo .venv/bin/python bench/flow_events.py [--runs 3] [--events 300000] [--flow-path compiled] [--loss 100000] [--profile]
 
 Prints one line per run and the median with its min-max; never asserts on speed.
 """
@@ -17,17 +17,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (bench/run.py)
+from xdpwatch import schemas  # noqa: E402
 
-from xdpwatch.lab import Broker  # noqa: E402
+from xdpwatch.demo.lab import Broker  # noqa: E402
 
 
-def one_run(broker: Broker, i: int, n: int, flow_path: str) -> dict:
+def one_run(broker: Broker, i: int, n: int, paths: list[str]) -> dict:
+    """Each flow path, then the bare loop on the lines they made, without and with the
+    producer's headers; every ratio within this run."""
     prefix = f"fe{i}-{time.monotonic_ns()}"
-    ours = bench.pipeline_run(broker.bootstrap, prefix, n, flow_path=flow_path)
-    values = bench.read_back(broker.bootstrap, f"{prefix}.ssh-flows", n)
-    bare = bench.bare_producer(broker.bootstrap, f"{prefix}-bare.ssh-flows", values)
-    return {"xdpwatch": ours, "bare": bare, "ratio": round(ours["events_per_s"] / bare["events_per_s"], 3),
-            "mean_value_bytes": round(sum(len(v) for _, v in values) / len(values))}
+    ours = {p: bench.pipeline_run(broker.bootstrap, f"{prefix}-{p}", n, flow_path=p) for p in paths}
+    values = bench.read_back(broker.bootstrap, f"{prefix}-{paths[0]}.ssh-flows", n)
+    bare = {"bare": bench.bare_producer(broker.bootstrap, f"{prefix}-bare.ssh-flows", values),
+            "bare+headers": bench.bare_producer(broker.bootstrap, f"{prefix}-bareh.ssh-flows", values,
+                                                schemas.headers("ssh-flows"))}
+    return {"ours": ours, "bare": bare, "mean_value_bytes": round(sum(len(v) for _, v in values) / len(values)),
+            "ratios": {f"{p} / {b}": round(o["events_per_s"] / r["events_per_s"], 3)
+                       for p, o in ours.items() for b, r in bare.items()}}
 
 
 def spread(xs: list[float]) -> str:
@@ -39,8 +45,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--events", type=int, default=300_000)
     ap.add_argument("--profile", action="store_true", help="also the per-stage profile (one run of events/5)")
-    ap.add_argument("--flow-path", default="auto", choices=("auto", "compiled", "python"))
+    ap.add_argument("--flow-path", action="append", choices=("auto", "compiled", "python"),
+                    help="the flow path(s) to measure, each in every run (default: compiled and python)")
+    ap.add_argument("--loss", type=int, default=0, metavar="N",
+                    help="also N flows at the injector's full speed into a 64-page ring buffer: drops, flow_start delivered")
     args = ap.parse_args()
+    paths = args.flow_path or ["compiled", "python"]
     broker = Broker()
     try:
         from confluent_kafka.admin import AdminClient, NewTopic
@@ -49,17 +59,24 @@ def main() -> int:
         admin.create_topics([NewTopic(bench.WARMUP_TOPIC, 1, 1)])[bench.WARMUP_TOPIC].result(15)
         runs = []
         for i in range(args.runs):
-            r = one_run(broker, i, args.events, args.flow_path)
+            r = one_run(broker, i, args.events, paths)
             runs.append(r)
-            print(f"run {i + 1}: xdpwatch ({r['xdpwatch']['flow_path']}) {r['xdpwatch']['events_per_s']:,}/s (delivered {r['xdpwatch']['delivered']:,}, "
-                  f"failed {r['xdpwatch']['failed']}), bare {r['bare']['events_per_s']:,}/s, ratio {r['ratio']:.3f}, "
-                  f"{r['mean_value_bytes']} B/event", flush=True)
-        print("xdpwatch events/s", spread([r["xdpwatch"]["events_per_s"] for r in runs]))
-        print("bare events/s    ", spread([r["bare"]["events_per_s"] for r in runs]))
-        print("ratio            ", spread([r["ratio"] for r in runs]))
+            rates = {**{k: v["events_per_s"] for k, v in r["ours"].items()}, **{k: v["events_per_s"] for k, v in r["bare"].items()}}
+            assert all(o["delivered"] == args.events and o["failed"] == 0 for o in r["ours"].values()), r["ours"]
+            print(f"run {i + 1}: " + ", ".join(f"{k} {v:,}/s" for k, v in rates.items()) + "; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["ratios"].items()) + f"; {r['mean_value_bytes']} B/event",
+                  flush=True)
+        for k in runs[0]["ratios"]:
+            print(f"{k:28s}", spread([r["ratios"][k] for r in runs]))
+        for p in paths if args.loss else ():
+            loss = bench.loss_at_max_rate(broker.bootstrap, args.loss, p)
+            print(f"at max rate ({loss['flow_path']}): {loss['flows_generated']:,} flows at {loss['generation_rate_per_s']:,}/s = "
+                  f"{loss['ring_events_submitted']:,} events + {loss['ring_drops_counted']:,} counted drops "
+                  f"(identity {loss['ring_identity_holds']}); flow_start delivered {loss['flow_starts_delivered']:,}, "
+                  f"failed {loss['delivery_failed']}, nothing lost {loss['nothing_lost']}", flush=True)
         if args.profile:
             prof = bench.pipeline_run(broker.bootstrap, f"fe-prof-{time.monotonic_ns()}", max(args.events // 5, 2000),
-                                      profile=True, flow_path=args.flow_path)
+                                      profile=True, flow_path=paths[0])
             print("profile (% of loop):", ", ".join(f"{k} {v}" for k, v in prof["profile"].items()))
     finally:
         broker.stop()

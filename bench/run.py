@@ -247,9 +247,10 @@ def stage_profile(profiler: cProfile.Profile) -> dict:
     return {k: round(100 * v / total, 1) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])}
 
 
-def bare_producer(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]]) -> dict:
+def bare_producer(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]],
+                  headers: list[tuple[str, bytes]] | None = None) -> dict:
     """The ceiling: confluent-kafka producing the same, already serialized lines with the
-    same settings, nothing else."""
+    same settings (and `headers` on each, when given), nothing else."""
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -266,7 +267,7 @@ def bare_producer(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]])
     for key, value in values:
         while True:
             try:
-                p.produce(topic, value, key, on_delivery=cb)
+                p.produce(topic, value, key, headers=headers, on_delivery=cb)
                 break
             except BufferError:
                 p.poll(0.01)
@@ -349,7 +350,7 @@ def naive_pipeline(bootstrap: str, topic: str, n: int) -> dict:
     return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed), "delivered": done[0]}
 
 
-def loss_at_max_rate(bootstrap: str, n: int) -> dict:
+def loss_at_max_rate(bootstrap: str, n: int, flow_path: str = "auto") -> dict:
     """Flows created as fast as one injecting thread can while the producer code drains a
     default-size (64-page) ring buffer: every flow is either an event or a counted drop,
     and the sweep still reports the dropped ones from the table."""
@@ -357,7 +358,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     exporter = spooled_exporter(bootstrap, "bench-loss")
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,
-                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
+                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9), flow_path=flow_path)
     run = Pipeline(cfg, prog, exporter)
     injector = threading.Thread(target=inject, args=(prog, n))
     t0 = time.perf_counter()
@@ -376,7 +377,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
             "ring_events_submitted": submitted, "ring_drops_counted": drops,
             "flow_starts_delivered": stats.delivered, "delivery_failed": stats.failed,
             "ring_identity_holds": generated == submitted + drops,
-            "nothing_lost": stats.delivered == generated and stats.failed == 0}
+            "nothing_lost": stats.delivered == generated and stats.failed == 0, "flow_path": run.tracker.path}
 
 
 def events_to_kafka(broker: Broker, quick: bool) -> dict:
@@ -390,10 +391,12 @@ def events_to_kafka(broker: Broker, quick: bool) -> dict:
     # the same lines, already serialized, for the bare loop: read back what we produced
     values = read_back(broker.bootstrap, "bench.ssh-flows", n)
     bare = bare_producer(broker.bootstrap, "bench-bare.ssh-flows", values)
+    bare_h = bare_producer(broker.bootstrap, "bench-bareh.ssh-flows", values, schemas.headers("ssh-flows"))
     naive = naive_pipeline(broker.bootstrap, "bench-naive.ssh-flows", n)
     loss = loss_at_max_rate(broker.bootstrap, 2_000 if quick else 100_000)
-    return {"xdpwatch": ours, "bare_confluent_kafka": bare, "naive_pipeline": naive,
+    return {"xdpwatch": ours, "bare_confluent_kafka": bare, "bare_with_headers": bare_h, "naive_pipeline": naive,
             "ratio_to_bare": round(ours["events_per_s"] / bare["events_per_s"], 2),
+            "ratio_to_bare_with_headers": round(ours["events_per_s"] / bare_h["events_per_s"], 2),
             "ratio_to_naive": round(ours["events_per_s"] / naive["events_per_s"], 2),
             "mean_value_bytes": round(sum(len(v) for _, v in values) / len(values)),
             "profile_pct_of_loop": prof["profile"], "loss_at_max_rate": loss}
@@ -1088,9 +1091,11 @@ def table(r: dict) -> str:
     rows = [("1. XDP cost per packet", "ns", "÷ bare XDP_PASS")]
     rows += [(f"   {k}", f"{v['ns']:.1f}", f"{v['ratio_to_bare']:.2f}×") for k, v in x.items() if not k.startswith("_")]
     rows += [("2. Flow events to Kafka (acked)", "events/s", "ratio"),
-             ("   xdpwatch producer code", f"{e['xdpwatch']['events_per_s']:,}", ""),
+             ("   xdpwatch producer code", f"{e['xdpwatch']['events_per_s']:,}", f"{e['xdpwatch']['flow_path']} flow path"),
              ("   bare confluent-kafka, same lines", f"{e['bare_confluent_kafka']['events_per_s']:,}",
               f"xdpwatch ÷ bare {e['ratio_to_bare']:.2f}×"),
+             ("   bare, same lines and headers", f"{e['bare_with_headers']['events_per_s']:,}",
+              f"xdpwatch ÷ bare {e['ratio_to_bare_with_headers']:.2f}×"),
              ("   naive code, same documents (json.dumps…)", f"{e['naive_pipeline']['events_per_s']:,}",
               f"xdpwatch ÷ naive {e['ratio_to_naive']:.2f}×"),
              ("   where the time goes (% of loop)", "", ", ".join(f"{k} {v}" for k, v in e["profile_pct_of_loop"].items())),
