@@ -276,6 +276,7 @@ def test_metrics_and_json_logs(testnet, broker):
     assert get("xdpwatch_bytes_total", **{"class": "total"}) == t.expected[("bytes", "total")]
     assert get("xdpwatch_flows_started_total") == 1 and get("xdpwatch_flows_active") == 1
     assert get("xdpwatch_ringbuf_drops_total") == 0 and get("xdpwatch_flow_table_capacity") == 65536
+    assert get("xdpwatch_flow_path", path="compiled") == 1
     assert get("xdpwatch_events_produced_total") >= get("xdpwatch_events_delivered_total") >= 2
     assert get("xdpwatch_events_failed_total") == 0
     assert "process_resident_memory_bytes" in m
