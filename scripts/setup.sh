@@ -13,7 +13,7 @@ APT_PACKAGES=(
   openssh-server openssh-client sshpass                   # real sshd + client for SSH tests
   zstd                                                    # zstdcat for archives
   libcap2-bin                                             # capsh: tests run the producer with 3 capabilities
-  gcc python3-dev libbpf1                                 # build the compiled flow path (producer/_fastpath.c)
+  gcc libc6-dev python3-dev libbpf1                       # build the compiled flow path (producer/_fastpath.c)
 )
 
 missing=()
