@@ -822,18 +822,6 @@ static Flow *find(Tracker *t, const struct flow_key *k)
     return table_find(&t->flows, k, key_hash(&t->flows, k));
 }
 
-/* Ask the CPU for the index slot of hash h now, and for the flow it names a little later:
- * the sweep visits flows in the kernel's order, not ours, and would wait for memory twice
- * per flow otherwise. */
-static inline void prefetch_slot(const Table *tb, uint64_t h) { __builtin_prefetch(&tb->index[h & tb->mask]); }
-
-static inline void prefetch_flow(const Table *tb, uint64_t h)
-{
-    uint64_t s = tb->index[h & tb->mask];
-    if (s && s != TOMB)
-        __builtin_prefetch(&tb->flows[(uint32_t)s - 1]);
-}
-
 /* FlowTracker.on_event on one ring-buffer record. */
 static int on_record(Tracker *t, const void *data, size_t size)
 {
@@ -1040,18 +1028,9 @@ static int do_sweep(Tracker *t, i128 now)
             PyErr_SetString(PyExc_ValueError, "keys and values of a table read do not pair up");
             goto out;
         }
-        enum { AHEAD = 16 }; /* hashes computed this many records ahead; slots read half as far */
-        uint64_t hs[AHEAD];
-        for (Py_ssize_t j = 0; j < n + AHEAD; j++) {
-            if (j < n) {
-                hs[j % AHEAD] = key_hash(&t->flows, (const struct flow_key *)(ks + j * sizeof(struct flow_key)));
-                prefetch_slot(&t->flows, hs[j % AHEAD]);
-            }
-            Py_ssize_t m = j - AHEAD / 2, r = j - AHEAD + 1;
-            if (m >= 0 && m < n)
-                prefetch_flow(&t->flows, hs[m % AHEAD]);
-            if (r >= 0 && r < n
-                && sweep_one(t, ks + r * sizeof(struct flow_key), vs + r * sizeof(struct flow_value), hs[r % AHEAD], now))
+        for (Py_ssize_t j = 0; j < n; j++) {
+            const char *kp = ks + j * sizeof(struct flow_key);
+            if (sweep_one(t, kp, vs + j * sizeof(struct flow_value), key_hash(&t->flows, (const struct flow_key *)kp), now))
                 goto out;
         }
     }
