@@ -43,6 +43,15 @@ from xdpwatch.producer.pipeline import Pipeline, ProduceConfig
 from xdpwatch.producer.spool import Spool
 from xdpwatch.producer.records import CounterId
 
+
+def test_program(cfg: BpfConfig) -> XdpProgram:
+    """The program loaded as the producer loads it, with lo (ifindex 1, where
+    BPF_PROG_TEST_RUN's frames arrive) watched: counted in slot 0, as an attached interface."""
+    prog = XdpProgram(cfg)
+    prog.add_iface(1)
+    return prog
+
+
 RESULTS = Path(__file__).resolve().parent / "results"
 XDPWATCH = str(Path(sys.executable).with_name("xdpwatch"))
 SRV_MAC, CLI_MAC, NOBODY_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002"), bytes.fromhex("020000000099")
@@ -126,7 +135,7 @@ def xdp_cost(quick: bool) -> dict:
     fds = {"bare XDP_PASS": bare.load_func(b"bare", BPF.XDP).fd,
            "per-CPU counter increment only": bare.load_func(b"count_only", BPF.XDP).fd}
     batch = 5_000 if quick else 50_000  # SYN+RST batches: 2 ring-buffer events each, drained between
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch)))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch)))
     prog.open_events(lambda ev: None)
     prog.test_run(tcp_frame(1, 40000, 22, SYN))  # the flow that ACKs below belong to
 
@@ -185,7 +194,7 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     confluent-kafka, with its settings and a sweep every second) on `n` flow_start events
     queued in the ring buffer; timed until the broker acknowledged all of them."""
     table = max(65536, 2 * (n + prefill))
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
     exporter = spooled_exporter(bootstrap, prefix)
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
@@ -289,7 +298,7 @@ def naive_pipeline(bootstrap: str, topic: str, n: int) -> dict:
     from xdpwatch import schemas
     from xdpwatch.producer.records import FlowEvent
 
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=ring_pages(n)))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=ring_pages(n)))
     p = Producer({"bootstrap.servers": bootstrap, **KAFKA_DEFAULTS, "delivery.report.only.error": False})
     warm(p)
     headers = schemas.headers("ssh-flows")
@@ -350,7 +359,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     """Flows created as fast as one injecting thread can while the producer code drains a
     default-size (64-page) ring buffer: every flow is either an event or a counted drop,
     and the sweep still reports the dropped ones from the table."""
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=64))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=64))
     exporter = spooled_exporter(bootstrap, "bench-loss")
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,
@@ -459,7 +468,7 @@ def bare_consume(bootstrap: str, topic: str, each=None) -> dict:
 
 # ----------------------------------------------------------------------------- 3. counters, CPU
 def counters_and_cpu(broker: Broker, quick: bool) -> dict:
-    prog = XdpProgram(BpfConfig())
+    prog = test_program(BpfConfig())
     reads = 200 if quick else 2000
     t0 = time.perf_counter()
     for _ in range(reads):
@@ -655,7 +664,7 @@ def memory(broker: Broker, quick: bool) -> dict:
     # the flow table at its configured maximum: what the kernel charges for the map
     sizes = {}
     for size in (65536, 1 << 20):
-        prog = XdpProgram(BpfConfig(flow_table_size=size))
+        prog = test_program(BpfConfig(flow_table_size=size))
         sizes[size] = map_memlock(prog.bpf[b"flows"].map_fd)
         prog.close()
     warm = samples[min(5, len(samples) - 1)]
@@ -807,7 +816,7 @@ def scaling(broker: Broker, quick: bool) -> dict:
     repeat = 10_000 if quick else 200_000
     out = []
     for fill in fills:
-        prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=262144, ringbuf_pages=ring_pages(2 * fill)))
+        prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=262144, ringbuf_pages=ring_pages(2 * fill)))
         prog.open_events(lambda ev: None)
         inject(prog, fill)
         prog.poll_events(0)
@@ -882,7 +891,7 @@ def restore_child(bootstrap: str, topic: str) -> dict:
     from xdpwatch.producer.hostnet import host_protected
 
     logging.disable(logging.ERROR)  # one "blocking ..." line per restored block otherwise
-    prog = XdpProgram(BpfConfig(enforce_mode="enforce"))
+    prog = test_program(BpfConfig(enforce_mode="enforce"))
     loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # bcc and LLVM, before any command
     reader = ControlReader({"bootstrap.servers": bootstrap}, topic)
     t0 = time.perf_counter()
