@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from xdpwatch.producer import libbpf
-from xdpwatch.producer.errors import AttachError, BpfError, ConfigError, InterfaceError, PrivilegeError
+from xdpwatch.producer.errors import AttachError, BpfError, ConfigError, InterfaceError, OccupiedError, PrivilegeError
 from xdpwatch.producer.records import NR_COUNTERS, FlowEvent, FlowKey, FlowValue, IfSlot, decode_event
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ class Attachment:
                 if e.errno == errno.EPERM:
                     raise PrivilegeError(f"not allowed to attach XDP to {iface}: {PERMISSION_HINT}") from None
                 if e.errno == errno.EBUSY:
-                    raise AttachError(_occupied_message(self.ifindex, iface)) from None
+                    raise OccupiedError(_occupied_message(self.ifindex, iface)) from None
                 errors.append(f"{MODE_NAMES[flags]}: {e.strerror}")
         else:
             self.detach()
@@ -382,13 +382,13 @@ def _clear_stale(ifindex: int, iface: str) -> None:
         return
     name = libbpf.prog_name(q.prog_id)
     if name != PROG_NAME:
-        raise AttachError(_occupied_message(ifindex, iface))
+        raise OccupiedError(_occupied_message(ifindex, iface))
     mode_flags = {libbpf.XDP_ATTACHED_DRV: libbpf.XDP_FLAGS_DRV_MODE,
                   libbpf.XDP_ATTACHED_SKB: libbpf.XDP_FLAGS_SKB_MODE}.get(q.attach_mode, 0)
     try:
         libbpf.xdp_detach(ifindex, mode_flags)
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise AttachError(_occupied_message(ifindex, iface)) from None
+            raise OccupiedError(_occupied_message(ifindex, iface)) from None
         raise AttachError(f"cannot remove stale xdpwatch program {q.prog_id} from {iface}: {e.strerror}") from None
     log.warning("removed stale xdpwatch program id %d from %s (left by an earlier run)", q.prog_id, iface)
