@@ -2,7 +2,7 @@
 interval (the same numbers as the interval records) and counts interfaces attached,
 detached and skipped; a scrape only reads those and the exporter's delivery counters, so it
 never touches the kernel maps. Per-interface series carry the label `interface`; the flow
-table, the interfaces and Kafka deliveries are the process's, without it."""
+table's capacity, the interface counts and Kafka deliveries are the process's, without it."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from xdpwatch.producer.records import CounterId
 class Snapshot:
     counters: list[tuple[int, int]] = field(default_factory=list)  # cumulative (packets, bytes) this run
     intervals: int = 0
+    flows_active: int = 0   # its flows in the (shared) flow table
+    flows_evicted: int = 0  # cumulative
 
 
 @dataclass
@@ -31,7 +33,6 @@ class ProducerMetrics:
         self.capacity, self.delivery = flow_table_size, delivery
         self.snapshots: dict[str, Snapshot] = {}  # interface name -> its last interval's figures
         self.interfaces = InterfaceCounts()
-        self.flows_active = self.flows_evicted = 0
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -56,10 +57,14 @@ class ProducerMetrics:
             for iface, s in snaps:
                 c.add_metric([iface], s.counters[cid][0])
             yield c
-        c = CounterMetricFamily("xdpwatch_intervals", "Packet-count records emitted", labels=["interface"])
-        for iface, s in snaps:
-            c.add_metric([iface], s.intervals)
-        yield c
+        for cls, name, text, attr in (
+                (CounterMetricFamily, "xdpwatch_intervals", "Packet-count records emitted", "intervals"),
+                (CounterMetricFamily, "xdpwatch_flows_evicted", "SSH flows pushed out of a full flow table", "flows_evicted"),
+                (GaugeMetricFamily, "xdpwatch_flows_active", "SSH flows in the flow table", "flows_active")):
+            c = cls(name, text, labels=["interface"])
+            for iface, s in snaps:
+                c.add_metric([iface], getattr(s, attr))
+            yield c
         yield GaugeMetricFamily("xdpwatch_interfaces_watched", "Interfaces the program is attached to",
                                 value=len(self.snapshots))
         n = self.interfaces
@@ -67,9 +72,6 @@ class ProducerMetrics:
                                   ("detached", n.detached, "Interfaces detached from (gone, or no longer matching)"),
                                   ("skipped", n.skipped, "Matching interfaces not watched (a foreign XDP program…)")):
             yield CounterMetricFamily(f"xdpwatch_interfaces_{name}", text, value=value)
-        yield CounterMetricFamily("xdpwatch_flows_evicted", "SSH flows pushed out of a full flow table",
-                                  value=self.flows_evicted)
-        yield GaugeMetricFamily("xdpwatch_flows_active", "SSH flows in the flow table", value=self.flows_active)
         yield GaugeMetricFamily("xdpwatch_flow_table_capacity", "Most SSH flows tracked at once", value=self.capacity)
         d = self.delivery
         for name, value, text in (("produced", d.produced, "Events handed to Kafka"),

@@ -296,9 +296,6 @@ class Pipeline:
         self.clock.resync()
         self.summary.intervals += 1
         self.summary.flows_evicted = self.tracker.evicted
-        if self.metrics is not None:
-            self.metrics.flows_active = sum(active.values())
-            self.metrics.flows_evicted = self.tracker.evicted
 
     def _emit_interval(self, ifindex: int, w: _Watched, now_ns: int, active: int, final: bool) -> None:
         """`w`'s record from the start of its interval to `now_ns`."""
@@ -313,7 +310,7 @@ class Pipeline:
         w.totals = [(p + dp, b + db) for (p, b), (dp, db) in zip(w.totals, delta)]
         self.summary.add(w.name, delta)
         if self.metrics is not None:
-            self.metrics.snapshots[w.name] = Snapshot(w.totals, w.intervals)
+            self.metrics.snapshots[w.name] = Snapshot(w.totals, w.intervals, active, evicted_total)
         if delta[CounterId.RINGBUF_DROPS][0]:
             log.warning("ring buffer full: %d flow events lost in the kernel this interval on %s "
                         "(raise --ringbuf-pages)", delta[CounterId.RINGBUF_DROPS][0], w.name)

@@ -10,9 +10,6 @@ namespace we create and sends the frames (IPv6 off, no addresses: nothing else a
 from __future__ import annotations
 
 import os
-import struct
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,7 +20,8 @@ from xdpwatch import schemas
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import ifindex_of
 
-from .env import NOBODY_MAC, SENDFRAMES, free_port, scrape, sh, wait_for
+from ..veths import Veth, syns, udp
+from .env import free_port, scrape, wait_for
 from .procs import ProducerProc
 from .test_attach import attach_by_netlink
 
@@ -31,49 +29,6 @@ pytestmark = pytest.mark.e2e
 
 N = os.getpid() % 90 + 10
 PREFIX = f"xwi{N}"  # our interfaces: xwiNNa, xwiNNb, …
-PEER_MAC = "02:00:00:00:77:01"
-
-
-class Veth:
-    """`name` in the root namespace, its peer `eth0` in namespace `name`-ns."""
-
-    def __init__(self, name: str):
-        self.name, self.ns = name, f"{name}-ns"
-        self.delete()
-        sh("ip", "netns", "add", self.ns)
-        sh("ip", "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
-        sh("sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1")
-        sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
-        sh("ip", "-n", self.ns, "link", "set", "eth0", "address", PEER_MAC, "up")
-        sh("ip", "link", "set", name, "up")
-
-    def send(self, frames: list[bytes]) -> int:
-        """Send `frames` from the namespace end: each arrives once at `name`. Returns their bytes."""
-        payload = b"".join(struct.pack("!I", len(f)) + f for f in frames)
-        r = subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, str(SENDFRAMES), "eth0"], input=payload,
-                           capture_output=True, timeout=60)
-        assert r.returncode == 0 and int(r.stdout) == len(frames), r.stderr
-        return sum(len(f) for f in frames)
-
-    def delete(self) -> None:
-        sh("ip", "link", "del", self.name, check=False)
-        sh("ip", "netns", "del", self.ns, check=False)
-
-
-def udp(n: int, size: int, src: str) -> list[bytes]:
-    from scapy.layers.inet import IP, UDP
-    from scapy.layers.l2 import Ether
-    return [bytes(Ether(src=PEER_MAC, dst=NOBODY_MAC) / IP(src=src, dst="198.51.100.1") / UDP(dport=9999)
-                  / (b"x" * size))] * n
-
-
-def syns(src: str, sports) -> list[bytes]:
-    from scapy.layers.inet import IP, TCP
-    from scapy.layers.l2 import Ether
-    return [bytes(Ether(src=PEER_MAC, dst=NOBODY_MAC) / IP(src=src, dst="198.51.100.1") / TCP(sport=p, dport=22, flags="S"))
-            for p in sports]
-
-
 class StdoutProducer(ProducerProc):
     """The producer with --output stdout; its lines parsed and schema-checked as they come."""
 
