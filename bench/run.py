@@ -1076,6 +1076,52 @@ def alert_restart(broker: Broker, quick: bool) -> dict:
                     "traffic baseline's history) before the last one handled; events_reread counts those fed."}
 
 
+# ----------------------------------------------------------------------------- 12. interfaces
+def interfaces(quick: bool) -> dict:
+    """`xdpwatch produce --iface-pattern` over 1 and over 16 veths (quick: 1 and 4): the time
+    from the process's start to its "watching N interface(s)" line (compile, load, attach
+    each), and its RSS then; the median of 3 runs (quick: 1). --output stdout: no Kafka."""
+    counts, runs = ((1, 4), 1) if quick else ((1, 16), 3)
+    tag = f"xwb{os.getpid() % 90 + 10}"
+    names = [f"{tag}i{i}" for i in range(max(counts))]
+
+    def delete() -> None:
+        for n in names:
+            sh("ip", "link", "del", n, check=False)
+
+    delete()
+    out = {}
+    try:
+        for n in names:  # veth pairs with both ends here and no traffic: only attaching matters
+            sh("ip", "link", "add", n, "type", "veth", "peer", "name", f"{n}p")
+            sh("ip", "link", "set", n, "up")
+        for count in counts:
+            starts, rss = [], []
+            pattern = f"{tag}i({'|'.join(str(i) for i in range(count))})"
+            for _ in range(runs):
+                t0 = time.monotonic()
+                proc = subprocess.Popen([XDPWATCH, "produce", "--iface-pattern", pattern, "--output", "stdout",
+                                         "--spool-max-mb", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+                try:
+                    for line in proc.stderr:
+                        if f"watching {count} interface(s)" in line:
+                            break
+                    else:
+                        raise RuntimeError(f"producer exited {proc.wait()} before watching {count} interfaces")
+                    starts.append(time.monotonic() - t0)
+                    time.sleep(1)
+                    rss.append(int(next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text()
+                                        .splitlines() if line.startswith("VmRSS:"))) / 1024)
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
+            out[str(count)] = {"start_s": round(statistics.median(starts), 2), "rss_mb": round(statistics.median(rss), 1)}
+    finally:
+        delete()
+    return {"runs": runs, "by_count": out}
+
+
 # ----------------------------------------------------------------------------- report
 def machine() -> dict:
     import confluent_kafka
@@ -1155,6 +1201,10 @@ def table(r: dict) -> str:
               f"({ar['alerts_first_run']:.0f} raised), {ar['alerts_published_again']:.0f} published again"),
              ("   process start to the rebuild log line", f"{ar['start_to_rebuild_line_s']}",
               "start-up, group join, rebuild")]
+    ifs = r["interfaces"]["by_count"]
+    rows += [("12. One producer, many interfaces", "start s", "RSS")]
+    rows += [(f"   {n} interface{'s' if n != '1' else ''}", f"{v['start_s']}", f"{v['rss_mb']} MB")
+             for n, v in ifs.items()]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -1187,7 +1237,8 @@ def main() -> int:
                          ("alert_state", lambda: alert_sources(broker, args.quick)),
                          ("spool_check", lambda: spool_check(broker, args.quick)),
                          ("alert_vs_bare", lambda: alert_vs_bare(broker, args.quick)),
-                         ("alert_restart", lambda: alert_restart(broker, args.quick))):
+                         ("alert_restart", lambda: alert_restart(broker, args.quick)),
+                         ("interfaces", lambda: interfaces(args.quick))):
             t0 = time.monotonic()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             result[name] = fn()
