@@ -320,13 +320,15 @@ class Pipeline:
         """Watch `name`: a slot of the counters (its starting point read before any packet can
         reach it), then the links. An interface that cannot be attached is skipped, logged once."""
         cfg = self.cfg
-        slot = self.prog.add_iface(ifindex)
-        deltas = CounterDeltas(self.prog.read_counters(slot))
-        start = self.clock.monotonic_ns()
         try:
+            slot = self.prog.add_iface(ifindex)  # AttachError when every slot is taken
+            deltas = CounterDeltas(self.prog.read_counters(slot))
+            start = self.clock.monotonic_ns()
             att = self.prog.attach(name, cfg.xdp_mode, cfg.egress, ifindex)
-        except AttachError as e:
+        except (AttachError, OSError) as e:  # OSError: it went away while being attached
             self.prog.remove_iface(ifindex)
+            if isinstance(e, OSError):
+                e = AttachError(f"cannot attach XDP to {name}: {e.strerror or e}")
             if ifindex not in self._skipped:
                 log.error("not watching %s: %s", name, e)
                 if self.metrics is not None:
