@@ -197,7 +197,7 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
     exporter = spooled_exporter(bootstrap, prefix)
     exporter.ensure_topics(3, 1)
-    cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
+    cfg = ProduceConfig(bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
     run = Pipeline(cfg, prog, exporter)
     if prefill:  # flows already in the table (their events are consumed before timing)
@@ -362,7 +362,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=64))
     exporter = spooled_exporter(bootstrap, "bench-loss")
     exporter.ensure_topics(3, 1)
-    cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,
+    cfg = ProduceConfig(bpf=prog.cfg, interval_s=3600,
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
     run = Pipeline(cfg, prog, exporter)
     injector = threading.Thread(target=inject, args=(prog, n))

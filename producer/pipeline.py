@@ -272,15 +272,25 @@ class Pipeline:
         self.watched: dict[int, _Watched] = {}  # ifindex -> the interface attached to
         self._skipped: dict[int, tuple[str, bool]] = {}  # ifindex -> (name, retry once its XDP hook is free)
         self._links: LinkEvents | None = None
+        self._other_names: dict[int, str] = {}
 
     def _name_of(self, ifindex: int) -> str:
         w = self.watched.get(ifindex)
         if w is not None:
             return w.name
-        try:  # a flow of an interface no longer watched (a packet in flight as it was detached)
-            return socket.if_indextoname(ifindex)
-        except OSError:
-            return f"ifindex-{ifindex}"
+        # A flow of an interface not watched (a packet in flight as it was detached; the
+        # benchmarks, which attach nowhere): its name now, remembered (ifindexes are not
+        # reused soon: the kernel hands them out in turn).
+        name = self._other_names.get(ifindex)
+        if name is None:
+            try:
+                name = socket.if_indextoname(ifindex)
+            except OSError:
+                name = f"ifindex-{ifindex}"
+            if len(self._other_names) >= 1024:
+                self._other_names.clear()
+            self._other_names[ifindex] = name
+        return name
 
     def _export_flow(self, report: FlowReport) -> None:
         self._export("ssh-flows", self.shaper.flow(report, self._name_of(report.key.ifindex)))
