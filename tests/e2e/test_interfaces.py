@@ -21,7 +21,7 @@ from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import ifindex_of
 
 from ..veths import Veth, syns, udp
-from .env import free_port, scrape, wait_for
+from .env import free_port, scrape, sh, wait_for
 from .procs import ProducerProc
 from .test_attach import attach_by_netlink
 
@@ -72,14 +72,15 @@ class StdoutProducer(ProducerProc):
 
 
 def test_many_interfaces_that_come_and_go():
-    a, b, g, f = (Veth(f"{PREFIX}{c}") for c in "abgf")  # g: excluded; f: a foreign program
-    made = [a, b, g, f]
+    # g: excluded; f: a foreign program; n1: outside the pattern, named with --iface
+    a, b, g, f, n = (Veth(f"{PREFIX}{c}") for c in ("a", "b", "g", "f", "n1"))
+    made = [a, b, g, f, n]
     port = free_port()
     try:
         foreign = attach_by_netlink("foreign_fw", f.name)
         with StdoutProducer("--iface-pattern", f"{PREFIX}[a-z]", "--exclude-iface-pattern", f"{PREFIX}g",
-                            "--interval", "0.5", "--metrics-port", str(port)) as p:
-            p.wait_for_log("watching 2 interface(s)")
+                            "--iface", n.name, "--interval", "0.5", "--metrics-port", str(port)) as p:
+            p.wait_for_log("watching 3 interface(s)")
             # -- the foreign program: reported in one line, untouched; the excluded one: untouched
             assert (f"not watching {f.name}: {f.name} already has XDP program 'foreign_fw' (id {foreign}) attached; "
                     "xdpwatch never replaces a program it does not own") in p.stderr
@@ -112,7 +113,7 @@ def test_many_interfaces_that_come_and_go():
             assert p.total(d.name) == (9, d_bytes)  # the last partial interval included
 
             # -- 20 create/delete cycles leave no link, program or map behind
-            assert base["links"] == 3 * 2  # a, b, d: XDP and TCX each
+            assert base["links"] == 4 * 2  # a, b, n1, d: XDP and TCX each
             e = f"{PREFIX}e"
             for i in range(20):
                 att, det = p.log_count(f"watching {e} (ifindex"), p.log_count(f"stopped watching {e} (gone)")
@@ -122,13 +123,23 @@ def test_many_interfaces_that_come_and_go():
                 v.delete()
                 wait_for(lambda: p.log_count(f"stopped watching {e} (gone)") > det, 5, f"cycle {i}: {e} detached")
             after = p.bpf_fds()
-            assert after == {**base, "links": 2 * 2}, (base, after)  # d's links closed, nothing else changed
+            assert after == {**base, "links": 3 * 2}, (base, after)  # d's links closed, nothing else changed
             m = scrape(port)
-            assert m["xdpwatch_interfaces_watched"] == 2
-            assert m["xdpwatch_interfaces_attached_total"] == 2 + 1 + 20
+            assert m["xdpwatch_interfaces_watched"] == 3
+            assert m["xdpwatch_interfaces_attached_total"] == 3 + 1 + 20
             assert m["xdpwatch_interfaces_detached_total"] == 1 + 20
             assert m["xdpwatch_interfaces_skipped_total"] == 1
             assert m[f'xdpwatch_packets_total{{class="total",interface="{a.name}"}}'] <= sent[a.name][1]
+
+            # -- the foreign program, untouched through every re-read, goes: f is watched then
+            assert libbpf.xdp_query(ifindex_of(f.name)).prog_id == foreign
+            sh("ip", "link", "set", "dev", f.name, "xdpgeneric", "off")
+            p.wait_for_log(f"watching {f.name} (ifindex", timeout=5)
+            # -- the named interface outside the pattern goes and comes back: watched again
+            n.delete()
+            p.wait_for_log(f"stopped watching {n.name} (gone)", timeout=5)
+            made.append(Veth(n.name))
+            wait_for(lambda: p.log_count(f"watching {n.name} (ifindex") == 2, 5, f"{n.name} watched again")
             assert p.stop() == 0
         errors = [line for line in p.stderr_lines if " ERROR " in line or " WARNING " in line]
         assert "Traceback" not in p.stderr and len(errors) == 1 and f"not watching {f.name}: " in errors[0], errors
@@ -142,9 +153,8 @@ def test_many_interfaces_that_come_and_go():
         ends = [d for d in p.docs if d.get("event", {}).get("action") == "flow_end"]
         assert sorted(d["source"]["port"] for d in ends) == [40001, 40002, 50001, 50002, 50003]
         assert p.summary()["interfaces"][a.name] == {"packets": sent[a.name][1], "bytes": sent[a.name][0]}
-        # after the stop: nothing of ours anywhere, the foreign program still there
-        assert libbpf.xdp_query(ifindex_of(a.name)).prog_id == 0 == libbpf.xdp_query(ifindex_of(b.name)).prog_id
-        assert libbpf.xdp_query(ifindex_of(f.name)).prog_id == foreign
+        # after the stop: nothing of ours anywhere
+        assert all(libbpf.xdp_query(ifindex_of(v.name)).prog_id == 0 for v in (a, b, f, n))
     finally:
         for v in made:
             v.delete()
