@@ -28,7 +28,7 @@ ProducerPrefixOpt = topic_prefix_option("Topics are PREFIX.packet-counts and PRE
                     "-X security.protocol=SSL  (events go to xdpwatch.packet-counts and xdpwatch.ssh-flows); "
                     "xdpwatch produce -i eth0 -i eth1 --iface-pattern 'veth.*' --bootstrap-servers kafka:9092")
 def produce(
-    iface: Annotated[list[str], typer.Option("--iface", "-i", envvar="XDPWATCH_IFACE",
+    iface: Annotated[list[str], typer.Option("--iface", "-i", envvar="XDPWATCH_IFACE", metavar="NAME",
                                              help="Interface to watch; repeat for several (env: space-separated). It must exist at start; if it goes and comes back, it is watched again.")] = [],
     iface_pattern: Annotated[Optional[str], typer.Option(envvar="XDPWATCH_IFACE_PATTERN", metavar="REGEX",
                                                          help="Also watch every interface whose whole name matches this regular expression, now and as interfaces appear (e.g. 'veth.*'); must match one at start.")] = None,
