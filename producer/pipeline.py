@@ -128,12 +128,15 @@ class RunSummary:
     ringbuf_drops: int = 0
     delivery: DeliveryStats = field(default_factory=DeliveryStats)
     interfaces: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> packets, bytes (all its intervals)
+    MAX_INTERFACES = 4096  # names kept; the rest add up under "(others)"
 
     def add(self, iface: str, delta: list[tuple[int, int]]) -> None:
         """One interval record's deltas of `iface`."""
         self.packets += delta[CounterId.TOTAL][0]
         self.flows_started += delta[CounterId.FLOWS_STARTED][0]
         self.ringbuf_drops += delta[CounterId.RINGBUF_DROPS][0]
+        if iface not in self.interfaces and len(self.interfaces) >= self.MAX_INTERFACES:
+            iface = "(others)"  # a host whose interfaces come and go all day: bounded
         mine = self.interfaces.setdefault(iface, {"packets": 0, "bytes": 0})
         mine["packets"] += delta[CounterId.TOTAL][0]
         mine["bytes"] += delta[CounterId.TOTAL][1]
