@@ -91,9 +91,9 @@ def test_without_privileges_the_error_names_what_is_missing():
     assert "Traceback" not in r.stderr
 
 
-def test_sigkill_20_times_while_traffic_flows(testnet):
-    """A producer killed at any moment leaves nothing behind: 20 kill -9 in a row with
-    traffic on the interface, then a clean run has exactly one program attached (ours), and
+def test_sigkill_while_traffic_flows_leaves_nothing(testnet):
+    """A producer killed at any moment leaves nothing behind: 8 kill -9 in a row (100 with
+    `make test-soak`) with traffic on the interface, then a clean run has exactly one program attached (ours), and
     none after it stops."""
     import threading
     import time
@@ -106,7 +106,7 @@ def test_sigkill_20_times_while_traffic_flows(testnet):
     frames = [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / UDP(dport=9999) / (b"x" * 64))] * 50 + \
              [bytes(e / IP(src=net.cli_ip, dst=net.srv_ip) / TCP(sport=40000 + i, dport=22, flags="S")) for i in range(50)]
     stop, sent = threading.Event(), [0]
-    rounds = 100 if SOAK else 20
+    rounds = 100 if SOAK else 8
 
     def traffic():  # bounded: at most 30 batches of 100 frames per round
         while not stop.is_set() and sent[0] < 30 * rounds:
@@ -133,7 +133,7 @@ def test_sigkill_20_times_while_traffic_flows(testnet):
         assert q.prog_id and libbpf.prog_name(q.prog_id) == "xdpwatch"
         assert p.stop() == 0
     assert libbpf.xdp_query(ifindex_of(net.iface)).prog_id == 0
-    assert sent[0] > 20  # traffic did flow during the kills
+    assert sent[0] > rounds  # traffic did flow during the kills
 
 
 def test_runs_as_an_unprivileged_user_with_three_capabilities(testnet):

@@ -37,22 +37,44 @@ def without_xdpwatch_env(**extra) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("XDPWATCH_")}, **extra}
 
 
-@pytest.mark.parametrize("argv", [
-    ["produce", "--iface", "lo", "--log-level", "debug"],
-    ["alert", "--output", "stdout", "--dead-letter", "/dev/null", "--log-level", "debug"],
-    ["archive", "--dir", "/tmp/xw-secret-archive", "--dead-letter", "/dev/null", "--log-level", "debug"],
-], ids=["produce", "alert", "archive"])
-@pytest.mark.parametrize("given", ["-X", "file", "env"])
-def test_password_never_printed(argv, given, tmp_path):
-    port = free_port()  # nothing listens there: the command must fail, and say so
-    how, env = {"-X": (SASL, {}), "file": (["--kafka-config", str(secret_file(tmp_path))], {}),
-                "env": ([], {env_name(k): v for k, v in SASL_SETTINGS.items()})}[given]
-    r = subprocess.run([XDPWATCH, *argv, "--bootstrap-servers", f"127.0.0.1:{port}", *how],
-                       capture_output=True, text=True, timeout=60, env=without_xdpwatch_env(**env))
-    assert r.returncode == 1, r.stderr
-    assert "cannot reach Kafka" in r.stderr and "Traceback" not in r.stderr
-    assert SECRET not in r.stdout + r.stderr
-    assert ("puts a secret on the command line" in r.stderr) == (given == "-X")
+COMMANDS = {
+    "produce": ["produce", "--iface", "lo", "--log-level", "debug"],
+    "alert": ["alert", "--output", "stdout", "--dead-letter", "/dev/null", "--log-level", "debug"],
+    "archive": ["archive", "--dead-letter", "/dev/null", "--log-level", "debug"],  # its own --dir each
+}
+GIVEN = ("-X", "file", "env")
+
+
+@pytest.fixture(scope="module")
+def unreachable_runs(tmp_path_factory):
+    """Every command with the secret given every way, against a port where nothing listens:
+    all started at once (each waits out its 15 s connection timeout), collected by the tests."""
+    procs = {}
+    for command, argv in COMMANDS.items():
+        for given in GIVEN:
+            directory = tmp_path_factory.mktemp(f"{command}-{given.strip('-')}")
+            if command == "archive":
+                argv = [*argv, "--dir", str(directory / "archive")]
+            how, env = {"-X": (SASL, {}), "file": (["--kafka-config", str(secret_file(directory))], {}),
+                        "env": ([], {env_name(k): v for k, v in SASL_SETTINGS.items()})}[given]
+            procs[command, given] = subprocess.Popen(
+                [XDPWATCH, *argv, "--bootstrap-servers", f"127.0.0.1:{free_port()}", *how],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=without_xdpwatch_env(**env))
+    yield procs
+    for p in procs.values():
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("given", GIVEN)
+def test_password_never_printed(unreachable_runs, command, given):
+    """Nothing listens at the port: the command must fail, say so, and never print the secret."""
+    stdout, stderr = unreachable_runs[command, given].communicate(timeout=60)
+    assert unreachable_runs[command, given].returncode == 1, stderr
+    assert "cannot reach Kafka" in stderr and "Traceback" not in stderr
+    assert SECRET not in stdout + stderr
+    assert ("puts a secret on the command line" in stderr) == (given == "-X")
 
 
 def test_password_not_in_help(tmp_path):
