@@ -6,12 +6,13 @@ DURATION ?= 60
 DEMO_DIR ?= demo-output
 BENCH_OUT ?= bench/results
 
-.PHONY: setup lock test test-soak test-unit test-kernel test-e2e demo bench clean help
+.PHONY: setup lock install-systemd test test-soak test-unit test-kernel test-e2e demo bench clean help
 
 help:
 	@echo "make demo       setup, then the whole pipeline for DURATION s (default 60) with a live view"
 	@echo "make bench      setup, then every benchmark side by side (BENCH_QUICK=1: a smoke run)"
 	@echo "make setup      install Debian packages, kernel header links, .venv, test broker (idempotent)"
+	@echo "make install-systemd  (root) the producer as a systemd service: venv in /opt/xdpwatch, user, unit, /etc/xdpwatch"
 	@echo "make lock       regenerate requirements.lock and requirements-image.lock (UPGRADE=1: newest versions)"
 	@echo "make test       setup, then every test (unit, kernel, end to end)"
 	@echo "make test-unit  pure-Python tests only (fast, no root)"
@@ -23,6 +24,11 @@ setup:
 # The Python packages, pinned with their sha256, that setup and the image install (a few minutes).
 lock:
 	@bash scripts/lock.sh
+
+# The producer as a systemd service (README "Bare metal (systemd)"); idempotent, run again to upgrade.
+# DESTDIR=/some/root installs under another root (tests); PREFIX= moves the venv.
+install-systemd:
+	@bash scripts/install-systemd.sh
 
 test: setup
 	$(PYTEST) -q -ra --durations=25 tests

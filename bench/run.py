@@ -43,6 +43,15 @@ from xdpwatch.producer.pipeline import Pipeline, ProduceConfig
 from xdpwatch.producer.spool import Spool
 from xdpwatch.producer.records import CounterId
 
+
+def test_program(cfg: BpfConfig) -> XdpProgram:
+    """The program loaded as the producer loads it, with lo (ifindex 1, where
+    BPF_PROG_TEST_RUN's frames arrive) watched: counted in slot 0, as an attached interface."""
+    prog = XdpProgram(cfg)
+    prog.add_iface(1)
+    return prog
+
+
 RESULTS = Path(__file__).resolve().parent / "results"
 XDPWATCH = str(Path(sys.executable).with_name("xdpwatch"))
 SRV_MAC, CLI_MAC, NOBODY_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002"), bytes.fromhex("020000000099")
@@ -126,7 +135,7 @@ def xdp_cost(quick: bool) -> dict:
     fds = {"bare XDP_PASS": bare.load_func(b"bare", BPF.XDP).fd,
            "per-CPU counter increment only": bare.load_func(b"count_only", BPF.XDP).fd}
     batch = 5_000 if quick else 50_000  # SYN+RST batches: 2 ring-buffer events each, drained between
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch)))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch)))
     prog.open_events(lambda ev: None)
     prog.test_run(tcp_frame(1, 40000, 22, SYN))  # the flow that ACKs below belong to
 
@@ -187,10 +196,10 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     queued in the ring buffer; timed until the broker acknowledged all of them. `flow_path`:
     the compiled one when built (auto), or the Python reference (python)."""
     table = max(65536, 2 * (n + prefill))
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
     exporter = spooled_exporter(bootstrap, prefix)
     exporter.ensure_topics(3, 1)
-    cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
+    cfg = ProduceConfig(bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9), flow_path=flow_path)
     run = Pipeline(cfg, prog, exporter)
     if prefill:  # flows already in the table (their events are consumed and acknowledged before timing)
@@ -292,7 +301,7 @@ def naive_pipeline(bootstrap: str, topic: str, n: int) -> dict:
     from xdpwatch import schemas
     from xdpwatch.producer.records import FlowEvent
 
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=ring_pages(n)))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=ring_pages(n)))
     p = Producer({"bootstrap.servers": bootstrap, **KAFKA_DEFAULTS, "delivery.report.only.error": False})
     warm(p)
     headers = schemas.headers("ssh-flows")
@@ -353,10 +362,10 @@ def loss_at_max_rate(bootstrap: str, n: int, flow_path: str = "auto") -> dict:
     """Flows created as fast as one injecting thread can while the producer code drains a
     default-size (64-page) ring buffer: every flow is either an event or a counted drop,
     and the sweep still reports the dropped ones from the table."""
-    prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=64))
+    prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=max(65536, 2 * n), ringbuf_pages=64))
     exporter = spooled_exporter(bootstrap, "bench-loss")
     exporter.ensure_topics(3, 1)
-    cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,
+    cfg = ProduceConfig(bpf=prog.cfg, interval_s=3600,
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9), flow_path=flow_path)
     run = Pipeline(cfg, prog, exporter)
     injector = threading.Thread(target=inject, args=(prog, n))
@@ -464,7 +473,7 @@ def bare_consume(bootstrap: str, topic: str, each=None) -> dict:
 
 # ----------------------------------------------------------------------------- 3. counters, CPU
 def counters_and_cpu(broker: Broker, quick: bool) -> dict:
-    prog = XdpProgram(BpfConfig())
+    prog = test_program(BpfConfig())
     reads = 200 if quick else 2000
     t0 = time.perf_counter()
     for _ in range(reads):
@@ -660,7 +669,7 @@ def memory(broker: Broker, quick: bool) -> dict:
     # the flow table at its configured maximum: what the kernel charges for the map
     sizes = {}
     for size in (65536, 1 << 20):
-        prog = XdpProgram(BpfConfig(flow_table_size=size))
+        prog = test_program(BpfConfig(flow_table_size=size))
         sizes[size] = map_memlock(prog.bpf[b"flows"].map_fd)
         prog.close()
     warm = samples[min(5, len(samples) - 1)]
@@ -812,7 +821,7 @@ def scaling(broker: Broker, quick: bool) -> dict:
     repeat = 10_000 if quick else 200_000
     out = []
     for fill in fills:
-        prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=262144, ringbuf_pages=ring_pages(2 * fill)))
+        prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=262144, ringbuf_pages=ring_pages(2 * fill)))
         prog.open_events(lambda ev: None)
         inject(prog, fill)
         prog.poll_events(0)
@@ -887,7 +896,7 @@ def restore_child(bootstrap: str, topic: str) -> dict:
     from xdpwatch.producer.hostnet import host_protected
 
     logging.disable(logging.ERROR)  # one "blocking ..." line per restored block otherwise
-    prog = XdpProgram(BpfConfig(enforce_mode="enforce"))
+    prog = test_program(BpfConfig(enforce_mode="enforce"))
     loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # bcc and LLVM, before any command
     reader = ControlReader({"bootstrap.servers": bootstrap}, topic)
     t0 = time.perf_counter()
@@ -1072,6 +1081,52 @@ def alert_restart(broker: Broker, quick: bool) -> dict:
                     "traffic baseline's history) before the last one handled; events_reread counts those fed."}
 
 
+# ----------------------------------------------------------------------------- 12. interfaces
+def interfaces(quick: bool) -> dict:
+    """`xdpwatch produce --iface-pattern` over 1 and over 16 veths (quick: 1 and 4): the time
+    from the process's start to its "watching N interface(s)" line (compile, load, attach
+    each), and its RSS then; the median of 3 runs (quick: 1). --output stdout: no Kafka."""
+    counts, runs = ((1, 4), 1) if quick else ((1, 16), 3)
+    tag = f"xwb{os.getpid() % 90 + 10}"
+    names = [f"{tag}i{i}" for i in range(max(counts))]
+
+    def delete() -> None:
+        for n in names:
+            sh("ip", "link", "del", n, check=False)
+
+    delete()
+    out = {}
+    try:
+        for n in names:  # veth pairs with both ends here and no traffic: only attaching matters
+            sh("ip", "link", "add", n, "type", "veth", "peer", "name", f"{n}p")
+            sh("ip", "link", "set", n, "up")
+        for count in counts:
+            starts, rss = [], []
+            pattern = f"{tag}i({'|'.join(str(i) for i in range(count))})"
+            for _ in range(runs):
+                t0 = time.monotonic()
+                proc = subprocess.Popen([XDPWATCH, "produce", "--iface-pattern", pattern, "--output", "stdout",
+                                         "--spool-max-mb", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+                try:
+                    for line in proc.stderr:
+                        if f"watching {count} interface(s)" in line:
+                            break
+                    else:
+                        raise RuntimeError(f"producer exited {proc.wait()} before watching {count} interfaces")
+                    starts.append(time.monotonic() - t0)
+                    time.sleep(1)
+                    rss.append(int(next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text()
+                                        .splitlines() if line.startswith("VmRSS:"))) / 1024)
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
+            out[str(count)] = {"start_s": round(statistics.median(starts), 2), "rss_mb": round(statistics.median(rss), 1)}
+    finally:
+        delete()
+    return {"runs": runs, "by_count": out}
+
+
 # ----------------------------------------------------------------------------- report
 def machine() -> dict:
     import confluent_kafka
@@ -1153,6 +1208,10 @@ def table(r: dict) -> str:
               f"({ar['alerts_first_run']:.0f} raised), {ar['alerts_published_again']:.0f} published again"),
              ("   process start to the rebuild log line", f"{ar['start_to_rebuild_line_s']}",
               "start-up, group join, rebuild")]
+    ifs = r["interfaces"]["by_count"]
+    rows += [("12. One producer, many interfaces", "start s", "RSS")]
+    rows += [(f"   {n} interface{'s' if n != '1' else ''}", f"{v['start_s']}", f"{v['rss_mb']} MB")
+             for n, v in ifs.items()]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -1185,7 +1244,8 @@ def main() -> int:
                          ("alert_state", lambda: alert_sources(broker, args.quick)),
                          ("spool_check", lambda: spool_check(broker, args.quick)),
                          ("alert_vs_bare", lambda: alert_vs_bare(broker, args.quick)),
-                         ("alert_restart", lambda: alert_restart(broker, args.quick))):
+                         ("alert_restart", lambda: alert_restart(broker, args.quick)),
+                         ("interfaces", lambda: interfaces(args.quick))):
             t0 = time.monotonic()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             result[name] = fn()

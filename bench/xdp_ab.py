@@ -23,7 +23,7 @@ from pathlib import Path
 from bcc import BPF
 
 import bpf_interp
-from run import BARE_SOURCE, SYN, XDP_PACKETS, ring_pages, run_ns, tcp_frame, udp_frame
+from run import BARE_SOURCE, test_program, SYN, XDP_PACKETS, ring_pages, run_ns, tcp_frame, udp_frame
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.loader import BpfConfig, XdpProgram, render_source
 
@@ -88,7 +88,7 @@ def main() -> None:
     cfg = BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch))
 
     with tempfile.TemporaryDirectory(prefix="xw-ab-") as tmp:
-        sides = (Side(load_at(bpf_dir_at(args.rev, Path(tmp)), cfg)), Side(XdpProgram(cfg).bpf))
+        sides = (Side(load_at(bpf_dir_at(args.rev, Path(tmp)), cfg)), Side(test_program(cfg).bpf))
     bare = BPF(text=BARE_SOURCE)
     bare_fd = bare.load_func(b"bare", BPF.XDP).fd
     a, z = (s.insns() for s in sides)

@@ -19,6 +19,18 @@
 #define IS_SSH_PORT(p) ((p) == 22)
 #endif
 
+/* Most interfaces watched at once (elements of the per-CPU `counters` array; one more, the
+ * last, takes packets of an interface being attached or detached). */
+#ifndef MAX_IFACES
+#define MAX_IFACES 256
+#endif
+
+/* Entries of the direct-mapped ifindex -> slot table (a power of two): an interface whose
+ * entry (ifindex % IFSLOT_CACHE) is taken by another is found in the `ifslots_more` hash. */
+#ifndef IFSLOT_CACHE
+#define IFSLOT_CACHE 1024
+#endif
+
 /* VLAN tags (802.1Q / 802.1ad) the parser walks through; deeper stacks count as l3_other. */
 #ifndef MAX_VLAN_TAGS
 #define MAX_VLAN_TAGS 2

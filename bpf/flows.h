@@ -20,7 +20,6 @@ static __always_inline void emit(struct pkt *p, struct flow_key *key, struct flo
 	__builtin_memcpy(&e->val, val, sizeof(struct flow_value));
 	__builtin_memcpy(&e->key, key, sizeof(struct flow_key));
 	e->type = type;
-	e->_pad = 0;
 	events.ringbuf_submit(e, 0);
 	count(p->cs, C_EVENTS_SUBMITTED, 0);
 }
@@ -49,6 +48,7 @@ static __always_inline void capture_banner(struct pkt *p, struct flow_key *key, 
 		return;
 	}
 	__builtin_memcpy(&e->key, key, sizeof(struct flow_key));
+	__builtin_memset(e->_pad1, 0, sizeof(e->_pad1));
 	e->first_ns = first_ns;
 	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
 	e->type = EV_BANNER;
@@ -193,6 +193,7 @@ static __always_inline void flow_key_of(struct pkt *p, struct flow_key *key)
 	key->server_port = to_client ? p->sport : p->dport;
 	key->family = p->family;
 	key->proto = IPPROTO_TCP;
+	key->ifindex = p->ifindex;
 }
 
 /* One SSH segment in direction p->dir: update its flow, or start one. */

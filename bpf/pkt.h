@@ -20,6 +20,7 @@ struct pkt {
 	struct counters *cs;  /* this CPU's element of `counters`: per-CPU, so plain increments are exact */
 	__u64 len;            /* the whole frame, Ethernet header included */
 	int egress;           /* leaving through the interface (TC hook): see count_class() */
+	__u32 ifindex;        /* the interface it arrives at (XDP) or leaves through (TC) */
 	/* parse_eth(), then parse_ipv4() or parse_ipv6(): the IP header */
 	void *l3;             /* the IP header */
 	int family;           /* 4 or 6 */

@@ -44,9 +44,22 @@ static __always_inline int ip_stages(struct pkt *p)
  * per SSH packet of a known flow, than with one copy for both). */
 static __always_inline int handle(struct pkt *p)
 {
-	__u32 zero = 0;
-	p->cs = counters.lookup(&zero);
-	if (!p->cs) /* never: the array's one element always exists */
+	/* The interface's counters: its slot from the direct-mapped table (an array lookup the
+	 * verifier inlines: a few instructions), else from the hash (a collision there), else
+	 * the spare last slot (an interface between attach and registration: never reported). */
+	__u32 ifindex = p->ifindex; /* a copy: taking p's address would keep p out of registers */
+	__u32 idx = ifindex & (IFSLOT_CACHE - 1);
+	__u32 slot = MAX_IFACES;
+	struct ifslot *is = ifslots.lookup(&idx);
+	if (is && is->ifindex == ifindex) {
+		slot = is->slot;
+	} else {
+		__u32 *s = ifslots_more.lookup(&ifindex);
+		if (s)
+			slot = *s;
+	}
+	p->cs = counters.lookup(&slot);
+	if (!p->cs) /* never: user space gives slots below MAX_IFACES */
 		return XDP_PASS;
 	count_class(p, C_TOTAL);
 	int family = parse_eth(p);
@@ -59,7 +72,8 @@ static __always_inline int handle(struct pkt *p)
 
 int xdpwatch(struct xdp_md *ctx)
 {
-	struct pkt p = {.ctx = ctx, .data = (void *)(long)ctx->data, .data_end = (void *)(long)ctx->data_end};
+	struct pkt p = {.ctx = ctx, .data = (void *)(long)ctx->data, .data_end = (void *)(long)ctx->data_end,
+			.ifindex = ctx->ingress_ifindex};
 	p.len = p.data_end - p.data;
 	return handle(&p);
 }
@@ -71,7 +85,7 @@ int xdpwatch_egress(struct __sk_buff *skb)
 	/* skb->len: the whole packet (headers are in the linear part we parse; a GSO packet
 	 * counts once with its full length, as the interface's own counters do). */
 	struct pkt p = {.ctx = skb, .data = (void *)(long)skb->data, .data_end = (void *)(long)skb->data_end,
-			.len = skb->len, .egress = 1};
+			.len = skb->len, .egress = 1, .ifindex = skb->ifindex};
 	handle(&p);
 	return TC_ACT_UNSPEC;
 }

@@ -32,7 +32,8 @@ struct counter {
 	__u64 bytes;
 };
 
-/* The one element of the per-CPU `counters` array: all of a CPU's counters side by side,
+/* One element of the per-CPU `counters` array (one element per watched interface, by its
+ * slot: see `ifslots` in maps.h): all of a CPU's counters for that interface side by side,
  * so that a packet looks the map up once, not once per counter it moves. */
 struct counters {
 	struct counter c[NR_COUNTERS];
@@ -52,6 +53,8 @@ struct flow_key {
 	__u8 family;          /* 4 or 6 */
 	__u8 proto;           /* IPPROTO_TCP */
 	__u8 _pad[2];
+	__u32 ifindex;        /* the interface the flow is seen on: one flow per interface (a gateway
+	                       * forwarding a connection sees it on two, each with its own counts) */
 };
 
 #define SERVER_SIZES 12
@@ -109,24 +112,30 @@ enum flow_event_type {
 #define BANNER_MAX 88
 
 /* Ring-buffer records: a flow_event, or a banner_event. Both are 160 bytes with `type` at
- * offset 152, which tells them apart. */
+ * offset 156, which tells them apart. */
 struct flow_event {
 	struct flow_value val;
 	struct flow_key key;
 	__u32 type;           /* EV_FLOW_START, EV_FLOW_END_RST, EV_FLOW_ESTABLISHED */
-	__u32 _pad;
 };
 
 /* The first payload bytes of one direction of a flow, when they start with "SSH-". */
 struct banner_event {
 	struct flow_key key;
+	__u8 _pad1[4];
 	__u64 first_ns;       /* the flow_value's first_ns: which instance of the 5-tuple */
 	__u8 data[BANNER_MAX];
-	__u8 _pad0[16];       /* `type` at the offset it has in flow_event */
-	__u32 type;           /* EV_BANNER */
 	__u16 len;            /* bytes of data copied (at most BANNER_MAX) */
 	__u8 dir;             /* DIR_TO_SERVER: the client's banner; DIR_TO_CLIENT: the server's */
 	__u8 _pad;
+	__u8 _pad0[8];        /* `type` at the offset it has in flow_event */
+	__u32 type;           /* EV_BANNER */
+};
+
+/* Where an interface's counters are: the slot user space gave it when it attached. */
+struct ifslot {
+	__u32 ifindex;        /* 0: a free entry */
+	__u32 slot;           /* its element of `counters` */
 };
 
 /* Block and allow list keys (LPM tries): prefix length, then the address in network order. */

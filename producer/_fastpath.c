@@ -9,11 +9,14 @@
  * program. producer/flowpath.py wraps this module (CompiledFlows); read the Python first.
  *
  * Tracker(prefix, observer, idle_ns, active_ns, fin_linger_ns, emit, read, pop, delete,
- *         drain=None, batch=4096)
+ *         drain=None, batch=4096, observer_of=None)
  *   record(raw)          FlowTracker.on_event(decode_event(raw))
  *   open_ring(map_fd)    read that BPF ring buffer through libbpf (bcc's own library)
  *   poll(ms, budget)     at most `budget` records, waiting up to `ms` (GIL released) for one
- *   sweep(now_ns), shutdown(now_ns), shape(...), close(); seq, offset, evicted, active
+ *   sweep(now_ns), shutdown(now_ns), end_iface(ifindex, now_ns), shape(...), close();
+ *   active_by_iface(); seq, offset, evicted, evicted_by_iface, active
+ * A flow's `observer` is observer_of(its ifindex) (asked once per interface, until
+ * end_iface), or the default `observer` when observer_of is None.
  * Documents go to emit([(kafka key, JSON bytes), ...]) in lists of at most `batch`, before
  * each method returns. read() gives the flow table as (keys, values) chunks of raw records;
  * pop(key) and delete(key) take an entry out of it. Errors raise Python exceptions; the
@@ -313,19 +316,21 @@ typedef struct {
         v2 += v1; v1 = v1 << 17 | v1 >> 47; v1 ^= v2; v2 = v2 << 32 | v2 >> 32;         \
     } while (0)
 
-/* SipHash-1-3 of a 40-byte key. */
+/* SipHash-1-3 of a flow key. */
 static uint64_t key_hash(const Table *tb, const struct flow_key *k)
 {
+    enum { WORDS = sizeof *k / 8, TAIL = sizeof *k % 8 };
     uint64_t v0 = tb->k0 ^ 0x736f6d6570736575ULL, v1 = tb->k1 ^ 0x646f72616e646f6dULL;
     uint64_t v2 = tb->k0 ^ 0x6c7967656e657261ULL, v3 = tb->k1 ^ 0x7465646279746573ULL;
-    uint64_t m[5];
+    uint64_t m[WORDS], tail = 0;
     memcpy(m, k, sizeof m);
-    for (int i = 0; i < 5; i++) {
+    memcpy(&tail, (const char *)k + sizeof m, TAIL); /* little-endian, as SipHash reads it */
+    for (int i = 0; i < WORDS; i++) {
         v3 ^= m[i];
         SIPROUND;
         v0 ^= m[i];
     }
-    uint64_t b = (uint64_t)sizeof *k << 56;
+    uint64_t b = (uint64_t)sizeof *k << 56 | tail;
     v3 ^= b;
     SIPROUND;
     v0 ^= b;
@@ -462,8 +467,11 @@ typedef struct {
     PyObject *emit, *read, *pop, *delete, *drain;
     char *prefix;    /* the event id prefix, JSON-escaped (orjson.dumps(prefix)[1:-1]) */
     Py_ssize_t prefix_len;
-    char *observer;  /* orjson.dumps(EventShaper's observer) */
+    char *observer;  /* orjson.dumps(EventShaper's default observer) */
     Py_ssize_t observer_len;
+    PyObject *observer_of;  /* ifindex -> orjson.dumps(its observer), or None: the default for all */
+    PyObject *observers;    /* {ifindex: observer bytes}: observer_of's answers, until end_iface */
+    PyObject *evicted_by_iface; /* {ifindex: evictions}, cumulative (FlowTracker.evicted_by_iface) */
     unsigned long long seq;    /* EventShaper's sequence: the last id given */
     long long offset;          /* Clock: wall ns - monotonic ns */
     long long idle_ns, active_ns, linger_ns;
@@ -596,10 +604,43 @@ static int ip_text(int v4, const uint8_t *addr, char out[INET6_ADDRSTRLEN])
     return 0;
 }
 
+/* The observer of a document about a flow seen on `ifindex` (borrowed bytes; NULL on error):
+ * observer_of asked once per interface, until end_iface forgets it. */
+static PyObject *observer_for(Tracker *t, uint32_t ifindex)
+{
+    PyObject *i = PyLong_FromUnsignedLong(ifindex);
+    if (!i)
+        return NULL;
+    PyObject *obs = PyDict_GetItemWithError(t->observers, i);
+    if (!obs && !PyErr_Occurred()) {
+        if (PyDict_GET_SIZE(t->observers) >= 4096) /* interfaces come and go: keep it bounded */
+            PyDict_Clear(t->observers);
+        PyObject *made = PyObject_CallOneArg(t->observer_of, i);
+        if (made && !PyBytes_Check(made)) {
+            PyErr_SetString(PyExc_TypeError, "observer_of must return bytes");
+            Py_CLEAR(made);
+        }
+        if (made && !PyDict_SetItem(t->observers, i, made))
+            obs = made; /* the dict holds it */
+        Py_XDECREF(made);
+    }
+    Py_DECREF(i);
+    return obs;
+}
+
 /* EventShaper.flow -> orjson.dumps, and schemas.key_of: a new (key, document) tuple. */
 static PyObject *shape(Tracker *t, int action, int reason, const struct flow_key *k, const struct flow_value *v,
                        const Banners *b)
 {
+    const char *observer = t->observer;
+    Py_ssize_t observer_len = t->observer_len;
+    if (t->observer_of != Py_None) {
+        PyObject *obs = observer_for(t, k->ifindex);
+        if (!obs)
+            return NULL;
+        observer = PyBytes_AS_STRING(obs);
+        observer_len = PyBytes_GET_SIZE(obs);
+    }
     int v4 = k->family == 4;
     size_t alen = v4 ? 4 : 16;
     char cip[INET6_ADDRSTRLEN], sip[INET6_ADDRSTRLEN];
@@ -674,7 +715,7 @@ static PyObject *shape(Tracker *t, int action, int reason, const struct flow_key
         first = 0;
     }
     if (PUTS(o, "],\"handshake\":\"") || put_str(o, HANDSHAKES[v->handshake]) || PUTS(o, "\"},\"observer\":")
-        || put(o, t->observer, t->observer_len))
+        || put(o, observer, observer_len))
         goto fail;
     if (b && b->mask) {
         int first = 1;
@@ -783,10 +824,27 @@ static int end(Tracker *t, Flow *f, int reason, const struct flow_value *v)
     return report(t, A_END, reason, &f->key, v, f->banners);
 }
 
+/* d[ifindex] += 1 */
+static int count_iface(PyObject *d, uint32_t ifindex)
+{
+    PyObject *i = PyLong_FromUnsignedLong(ifindex);
+    if (!i)
+        return -1;
+    PyObject *old = PyDict_GetItemWithError(d, i);
+    long n = old ? PyLong_AsLong(old) : 0;
+    PyObject *nv = (old || !PyErr_Occurred()) && !(n == -1 && PyErr_Occurred()) ? PyLong_FromLong(n + 1) : NULL;
+    int rc = nv ? PyDict_SetItem(d, i, nv) : -1;
+    Py_XDECREF(nv);
+    Py_DECREF(i);
+    return rc;
+}
+
 /* FlowTracker._evict */
 static int evict(Tracker *t, Flow *f)
 {
     t->evicted++;
+    if (count_iface(t->evicted_by_iface, f->key.ifindex))
+        return -1;
     return end(t, f, R_EVICTED, &f->val);
 }
 
@@ -1055,13 +1113,14 @@ out:
 static int Tracker_init(Tracker *t, PyObject *args, PyObject *kw)
 {
     static char *kws[] = {"prefix", "observer", "idle_ns", "active_ns", "fin_linger_ns", "emit", "read", "pop",
-                          "delete", "drain", "batch", NULL};
+                          "delete", "drain", "batch", "observer_of", NULL};
     const char *prefix, *observer;
     Py_ssize_t plen, olen, batch = 4096;
-    PyObject *drain_cb = Py_None;
+    PyObject *drain_cb = Py_None, *observer_of = Py_None;
     PyObject *emit, *read, *pop, *del;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y#y#LLLOOOO|On", kws, &prefix, &plen, &observer, &olen, &t->idle_ns,
-                                     &t->active_ns, &t->linger_ns, &emit, &read, &pop, &del, &drain_cb, &batch))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y#y#LLLOOOO|OnO", kws, &prefix, &plen, &observer, &olen, &t->idle_ns,
+                                     &t->active_ns, &t->linger_ns, &emit, &read, &pop, &del, &drain_cb, &batch,
+                                     &observer_of))
         return -1;
     if (batch < 1) {
         PyErr_SetString(PyExc_ValueError, "batch must be at least 1");
@@ -1074,11 +1133,14 @@ static int Tracker_init(Tracker *t, PyObject *args, PyObject *kw)
     if (table_init(&t->flows))
         return -1;
     t->out = PyList_New(0);
-    t->cap = 8192 + 2 * (size_t)plen + (size_t)olen;
+    t->observers = PyDict_New();
+    t->evicted_by_iface = PyDict_New();
+    /* an interface's observer: the default one and its name (IFNAMSIZ, escaped at most 6x) */
+    t->cap = 8192 + 2 * (size_t)plen + (size_t)olen + 256;
     t->buf = PyMem_Malloc(t->cap);
     t->prefix = PyMem_Malloc((size_t)plen + 1);
     t->observer = PyMem_Malloc((size_t)olen + 1);
-    if (!t->out || !t->buf || !t->prefix || !t->observer) {
+    if (!t->out || !t->observers || !t->evicted_by_iface || !t->buf || !t->prefix || !t->observer) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1093,6 +1155,7 @@ static int Tracker_init(Tracker *t, PyObject *args, PyObject *kw)
     Py_INCREF(pop); t->pop = pop;
     Py_INCREF(del); t->delete = del;
     Py_INCREF(drain_cb); t->drain = drain_cb;
+    Py_INCREF(observer_of); t->observer_of = observer_of;
     t->ready = 1;
     return 0;
 }
@@ -1105,6 +1168,9 @@ static int Tracker_traverse(Tracker *t, visitproc visit, void *arg)
     Py_VISIT(t->pop);
     Py_VISIT(t->delete);
     Py_VISIT(t->drain);
+    Py_VISIT(t->observer_of);
+    Py_VISIT(t->observers);
+    Py_VISIT(t->evicted_by_iface);
     return 0;
 }
 
@@ -1116,6 +1182,9 @@ static int Tracker_clear(Tracker *t)
     Py_CLEAR(t->pop);
     Py_CLEAR(t->delete);
     Py_CLEAR(t->drain);
+    Py_CLEAR(t->observer_of);
+    Py_CLEAR(t->observers);
+    Py_CLEAR(t->evicted_by_iface);
     return 0;
 }
 
@@ -1313,6 +1382,54 @@ static PyObject *Tracker_get_active(Tracker *t, void *closure)
     return PyLong_FromSize_t(n);
 }
 
+static PyObject *Tracker_active_by_iface(Tracker *t, PyObject *unused)
+{
+    if (ready(t))
+        return NULL;
+    PyObject *d = PyDict_New();
+    for (size_t i = 0; d && i < t->flows.n; i++) {
+        const Flow *f = &t->flows.flows[i];
+        if (f->live && !f->ended && count_iface(d, f->key.ifindex))
+            Py_CLEAR(d);
+    }
+    return d;
+}
+
+/* FlowTracker.end_iface: sweep, then end every open flow of `ifindex` (reason shutdown) and
+ * take its entry out of the table; its observer is asked again next time. */
+static PyObject *Tracker_end_iface(Tracker *t, PyObject *args)
+{
+    unsigned int ifindex;
+    PyObject *now_arg;
+    i128 now;
+    if (ready(t) || !PyArg_ParseTuple(args, "IO", &ifindex, &now_arg) || get_now(now_arg, &now))
+        return NULL;
+    int rc = do_sweep(t, now);
+    Table *tb = &t->flows;
+    for (size_t i = 0; !rc && i < tb->n; i++) {
+        Flow *f = &tb->flows[i];
+        if (!f->live || f->key.ifindex != ifindex)
+            continue;
+        if (f->ended) {
+            PyObject *r = call_with_key(t->delete, &f->key);
+            rc = r ? 0 : -1;
+            Py_XDECREF(r);
+            if (!rc)
+                table_delete(tb, f);
+        } else {
+            rc = finish(t, f, R_SHUTDOWN);
+        }
+    }
+    PyObject *i = rc ? NULL : PyLong_FromUnsignedLong(ifindex);
+    if (i && PyDict_DelItem(t->observers, i) && PyErr_ExceptionMatches(PyExc_KeyError))
+        PyErr_Clear();
+    if (!i || PyErr_Occurred())
+        rc = -1;
+    Py_XDECREF(i);
+    Py_INCREF(Py_None);
+    return done(t, rc, Py_None);
+}
+
 static PyObject *Tracker_close(Tracker *t, PyObject *unused)
 {
     if (t->rb) {
@@ -1333,6 +1450,9 @@ static PyMethodDef Tracker_methods[] = {
     {"shutdown", (PyCFunction)Tracker_shutdown, METH_O, "FlowTracker.shutdown(now_ns)."},
     {"shape", (PyCFunction)Tracker_shape, METH_VARARGS,
      "shape(action, reason, key, value, banners) -> (kafka key, document): EventShaper.flow + orjson.dumps."},
+    {"active_by_iface", (PyCFunction)Tracker_active_by_iface, METH_NOARGS,
+     "FlowTracker.active_by_iface(): {ifindex: open flows}."},
+    {"end_iface", (PyCFunction)Tracker_end_iface, METH_VARARGS, "FlowTracker.end_iface(ifindex, now_ns)."},
     {"close", (PyCFunction)Tracker_close, METH_NOARGS, "Let go of the ring buffer."},
     {NULL},
 };
@@ -1344,7 +1464,17 @@ static PyMemberDef Tracker_members[] = {
     {NULL},
 };
 
+static PyObject *Tracker_get_evicted_by_iface(Tracker *t, void *closure)
+{
+    if (ready(t))
+        return NULL;
+    Py_INCREF(t->evicted_by_iface);
+    return t->evicted_by_iface;
+}
+
 static PyGetSetDef Tracker_getset[] = {
+    {"evicted_by_iface", (getter)Tracker_get_evicted_by_iface, NULL,
+     "{ifindex: flows evicted}, cumulative: the dict itself (the caller may drop an interface's entry)", NULL},
     {"active", (getter)Tracker_get_active, NULL, "tracked flows not ended", NULL},
     {NULL},
 };

@@ -25,6 +25,10 @@ class AttachError(XdpwatchError):
     """Attaching to the interface failed (including: a program we do not own is there)."""
 
 
+class OccupiedError(AttachError):
+    """The interface has an XDP program we do not own, or one of another live producer."""
+
+
 class DeliveryError(XdpwatchError):
     """Some events could not be delivered before shutdown."""
 

@@ -86,9 +86,13 @@ def community_id(key: FlowKey, addrs: tuple[bytes, bytes] | None = None) -> str:
 
 @dataclass
 class EventShaper:
-    """Builds the documents; owns the event id sequence of this producer run."""
+    """Builds the documents; owns the event id sequence of this producer run.
 
-    interface: str
+    `interface` is the default interface named in packet counts and flows (a call may name
+    another); None: enforcement events name the host only (one blocklist serves every
+    interface)."""
+
+    interface: str | None
     clock: Clock = field(default_factory=Clock)
     hostname: str = field(default_factory=socket.gethostname)
     enforce_mode: str = "off"  # off | dry_run | enforce: packet-counts carry `enforcement` unless off
@@ -96,15 +100,25 @@ class EventShaper:
     def __post_init__(self) -> None:
         self._id_prefix = f"{self.hostname}-{boot_id()}-{time.time_ns():x}"
         self._seq = 0
-        self._observer = {"hostname": self.hostname, "ingress": {"interface": {"name": self.interface}}}
+        self._observers: dict[str, dict] = {}
+        self._observer = self.observer(self.interface) if self.interface is not None else {"hostname": self.hostname}
+
+    def observer(self, interface: str) -> dict:
+        """The `observer` of a document about `interface` (one shared dict per interface)."""
+        obs = self._observers.get(interface)
+        if obs is None:
+            if len(self._observers) >= 4096:  # interfaces come and go: keep it bounded
+                self._observers.clear()
+            obs = self._observers[interface] = {"hostname": self.hostname, "ingress": {"interface": {"name": interface}}}
+        return obs
 
     def _next_id(self) -> str:
         self._seq += 1
         return f"{self._id_prefix}-{self._seq}"
 
     def packet_counts(self, start_wall_ns: int, end_wall_ns: int, delta: list[tuple[int, int]],
-                      evicted: int, active: int, final: bool = False) -> dict:
-        """One interval's document from per-counter (packets, bytes) deltas."""
+                      evicted: int, active: int, final: bool = False, interface: str | None = None) -> dict:
+        """One interval's document from one interface's per-counter (packets, bytes) deltas."""
         interval = {"start": format_time_ns(start_wall_ns), "end": format_time_ns(end_wall_ns),
                     "duration_ms": round((end_wall_ns - start_wall_ns) / 1e6, 3)}
         if final:
@@ -114,7 +128,7 @@ class EventShaper:
             "event": {"id": self._next_id(), "kind": "metric", "module": "xdpwatch",
                       "dataset": "xdpwatch.packet_counts"},
             "interval": interval,
-            "observer": self._observer,
+            "observer": self._observer if interface is None else self.observer(interface),
             "packets": {name: delta[cid][0] for name, cid in CLASSES.items()},
             "bytes": {name: delta[cid][1] for name, cid in CLASSES.items()},
             "drops": {"ringbuf": delta[CounterId.RINGBUF_DROPS][0]},
@@ -136,8 +150,8 @@ class EventShaper:
         return {"@timestamp": format_time_ns(time.time_ns()), "event": event, "observer": self._observer,
                 "xdpwatch": {"enforcement": fields}}
 
-    def flow(self, r: FlowReport) -> dict:
-        """The document for one flow report."""
+    def flow(self, r: FlowReport, interface: str | None = None) -> dict:
+        """The document for one flow report; `interface`: the one it was seen on."""
         k, v = r.key, r.val
         addrs = k.addrs()
         cid = community_id(k, addrs)
@@ -169,7 +183,7 @@ class EventShaper:
                         "direction": DIRECTIONS[v.directions],
                         "community_id": cid},
             "tcp": {"flags": tcp_flag_names(v.tcp_flags), "handshake": HANDSHAKE_NAMES[v.handshake]},
-            "observer": self._observer,
+            "observer": self._observer if interface is None else self.observer(interface),
         }
         if r.banners:
             doc["ssh"] = {side: ssh_identification(r.banners[d])

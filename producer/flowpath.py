@@ -1,6 +1,6 @@
 """The flow path: ring-buffer records and flow-table reads -> flow reports -> ssh-flows
 documents -> the exporter. Two implementations behind one interface (poll_events, sweep,
-shutdown, evicted, active, path):
+shutdown, end_iface, evicted, evicted_by_iface, active, active_by_iface, close, path):
 
 - PythonFlows, the reference: bcc's ring-buffer callback, FlowTracker (flows.py),
   EventShaper.flow (events.py), orjson, one export per document.
@@ -11,14 +11,17 @@ shutdown, evicted, active, path):
   bytes for the same records and table reads.
 
 open_flow_path("auto") takes the compiled one when it is built and imports, else the Python
-one with one warning; "compiled" insists, "python" forces the reference.
+one with one warning; "compiled" insists, "python" forces the reference. `name_of(ifindex)`
+names the interface a flow was seen on (its document's observer); without it every document
+has the shaper's default observer. The compiled path asks once per interface, until
+end_iface(ifindex).
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import logging
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import orjson
 
@@ -70,14 +73,15 @@ class PythonFlows:
 
     path = "python"
 
-    def __init__(self, prog, shaper: EventShaper, timeouts: FlowTimeouts, exporter: Exporter):
-        self._shaper, self._exporter = shaper, exporter
+    def __init__(self, prog, shaper: EventShaper, timeouts: FlowTimeouts, exporter: Exporter,
+                 name_of: Optional[Callable[[int], str]] = None):
+        self._shaper, self._exporter, self._name_of = shaper, exporter, name_of
         self.tracker = FlowTracker(prog, self._report, timeouts, drain=lambda: prog.poll_events(0))
         prog.open_events(self.tracker.on_event)
         self.poll_events = prog.poll_events
 
     def _report(self, report: FlowReport) -> None:
-        doc = self._shaper.flow(report)
+        doc = self._shaper.flow(report, None if self._name_of is None else self._name_of(report.key.ifindex))
         self._exporter.export(STREAM, schemas.key_of(STREAM, doc), orjson.dumps(doc))
 
     def sweep(self, now_ns: int) -> None:
@@ -86,9 +90,19 @@ class PythonFlows:
     def shutdown(self, now_ns: int) -> None:
         self.tracker.shutdown(now_ns)
 
+    def end_iface(self, ifindex: int, now_ns: int) -> None:
+        self.tracker.end_iface(ifindex, now_ns)
+
+    def active_by_iface(self) -> dict[int, int]:
+        return self.tracker.active_by_iface()
+
     @property
     def evicted(self) -> int:
         return self.tracker.evicted
+
+    @property
+    def evicted_by_iface(self) -> dict[int, int]:
+        return self.tracker.evicted_by_iface
 
     @property
     def active(self) -> int:
@@ -110,7 +124,8 @@ class CompiledFlows:
     BUDGET = 8192
 
     def __init__(self, table: CompiledTable, shaper: EventShaper, timeouts: FlowTimeouts,
-                 emit: Callable[[list[tuple[bytes, bytes]]], None], drain: Callable[[], None] | None = None):
+                 emit: Callable[[list[tuple[bytes, bytes]]], None], drain: Callable[[], None] | None = None,
+                 name_of: Optional[Callable[[int], str]] = None):
         problem = unavailable()
         if problem:
             raise ConfigError(f"the compiled flow path is not available: {problem}")
@@ -124,7 +139,8 @@ class CompiledFlows:
         self._t = _fastpath.Tracker(
             orjson.dumps(shaper._id_prefix)[1:-1], orjson.dumps(shaper._observer),  # the shaper's constant parts
             timeouts.idle_ns, timeouts.active_ns, timeouts.fin_linger_ns, emit, table.flow_blobs, pop,
-            lambda kb: table.delete_flow(FlowKey.from_buffer_copy(kb)), drain)
+            lambda kb: table.delete_flow(FlowKey.from_buffer_copy(kb)), drain,
+            observer_of=None if name_of is None else lambda ifindex: orjson.dumps(shaper.observer(name_of(ifindex))))
 
     def _call(self, method, arg):
         """Run a tracker method with the shaper's id sequence and clock, and give the
@@ -162,9 +178,19 @@ class CompiledFlows:
     def shutdown(self, now_ns: int) -> None:
         self._call(self._t.shutdown, now_ns)
 
+    def end_iface(self, ifindex: int, now_ns: int) -> None:
+        self._call(lambda now: self._t.end_iface(ifindex, now), now_ns)
+
+    def active_by_iface(self) -> dict[int, int]:
+        return self._t.active_by_iface()
+
     @property
     def evicted(self) -> int:
         return self._t.evicted
+
+    @property
+    def evicted_by_iface(self) -> dict[int, int]:
+        return self._t.evicted_by_iface
 
     @property
     def active(self) -> int:
@@ -174,8 +200,8 @@ class CompiledFlows:
         self._t.close()
 
 
-def open_flow_path(mode: str, prog, shaper: EventShaper, timeouts: FlowTimeouts,
-                   exporter: Exporter) -> PythonFlows | CompiledFlows:
+def open_flow_path(mode: str, prog, shaper: EventShaper, timeouts: FlowTimeouts, exporter: Exporter,
+                   name_of: Optional[Callable[[int], str]] = None) -> PythonFlows | CompiledFlows:
     """The flow path for `prog` (an XdpProgram), its ring buffer opened: `mode` auto (the
     compiled one when it can run here, else the Python one with a warning), compiled, python."""
     if mode not in PATHS:
@@ -183,7 +209,8 @@ def open_flow_path(mode: str, prog, shaper: EventShaper, timeouts: FlowTimeouts,
     if mode != "python":
         problem = unavailable()
         if problem is None:
-            flows = CompiledFlows(prog, shaper, timeouts, lambda docs: exporter.export_many(STREAM, docs))
+            flows = CompiledFlows(prog, shaper, timeouts, lambda docs: exporter.export_many(STREAM, docs),
+                                  name_of=name_of)
             flows.open_ring(prog.bpf[b"events"].map_fd)
             log.info("flow events: compiled path")
             return flows
@@ -193,4 +220,4 @@ def open_flow_path(mode: str, prog, shaper: EventShaper, timeouts: FlowTimeouts,
                     problem)
     else:
         log.info("flow events: Python path (chosen)")
-    return PythonFlows(prog, shaper, timeouts, exporter)
+    return PythonFlows(prog, shaper, timeouts, exporter, name_of)

@@ -42,6 +42,7 @@ _ESTABLISHED, _COMPLETE = int(EventType.FLOW_ESTABLISHED), int(Handshake.COMPLET
 # first_ns, last_ns, fin_ns, rst_ns: the head of a raw FlowValue (tests/unit/test_flows.py)
 _TIMES = struct.Struct("<4Q")
 _HANDSHAKE = FlowValue.handshake.offset
+_IFINDEX, _IFINDEX_OFF = struct.Struct("<I").unpack_from, FlowKey.ifindex.offset
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,32 @@ class FlowTracker:
         self._flows: dict[bytes, _Tracked] = {}
         self._generation = 0
         self.evicted = 0  # cumulative
+        self.evicted_by_iface: dict[int, int] = {}  # ifindex -> cumulative evictions
 
     @property
     def active(self) -> int:
         return sum(1 for t in self._flows.values() if not t.ended)
+
+    def active_by_iface(self) -> dict[int, int]:
+        """Open flows per interface (ifindex)."""
+        out: dict[int, int] = {}
+        for kb, t in self._flows.items():
+            if not t.ended:
+                i = _IFINDEX(kb, _IFINDEX_OFF)[0]
+                out[i] = out.get(i, 0) + 1
+        return out
+
+    def end_iface(self, ifindex: int, now_ns: int) -> None:
+        """End every open flow seen on `ifindex` (reason shutdown) and delete it from the table:
+        the interface is no longer watched. Call after detaching from it."""
+        self.sweep(now_ns)
+        for kb in [kb for kb in self._flows if _IFINDEX(kb, _IFINDEX_OFF)[0] == ifindex]:
+            t = self._flows[kb]
+            if t.ended:
+                self.table.delete_flow(t.key)
+                del self._flows[kb]
+            else:
+                self._finish(kb, t, "shutdown")
 
     # ---- events from the kernel ----
     def on_event(self, ev: FlowEvent | BannerEvent) -> None:
@@ -147,6 +170,8 @@ class FlowTracker:
 
     def _evict(self, t: _Tracked) -> None:
         self.evicted += 1
+        i = t.key.ifindex
+        self.evicted_by_iface[i] = self.evicted_by_iface.get(i, 0) + 1
         self._end(t, "evicted", _value(t.val))
 
     # ---- periodic reconciliation with the kernel table ----

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from xdpwatch.producer import libbpf
-from xdpwatch.producer.errors import AttachError, BpfError, ConfigError, InterfaceError, PrivilegeError
-from xdpwatch.producer.records import NR_COUNTERS, FlowEvent, FlowKey, FlowValue, decode_event
+from xdpwatch.producer.errors import AttachError, BpfError, ConfigError, InterfaceError, OccupiedError, PrivilegeError
+from xdpwatch.producer.records import NR_COUNTERS, FlowEvent, FlowKey, FlowValue, IfSlot, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def missing_capabilities(status_path: str = "/proc/self/status") -> list[str]:
 
 
 ENFORCE_MODES = {"off": 0, "dry_run": 1, "enforce": 2}  # bpf/config.h ENFORCE_MODE
+IFSLOT_CACHE = 1024  # entries of the direct-mapped ifindex -> slot table (bpf/config.h)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class BpfConfig:
     enforce_mode: str = "off"  # off | dry_run | enforce
     syn_rate: int = 0          # SSH SYNs per second per source; 0: no limit
     syn_burst: int = 1
+    max_ifaces: int = 256      # interfaces watched at once (slots of the per-CPU counters)
 
     def validate(self) -> None:
         if not self.ssh_ports:
@@ -88,6 +90,8 @@ class BpfConfig:
             raise ConfigError("--syn-rate-limit needs --enforce (drop) or --dry-run (count only)")
         if not 0 <= self.syn_rate <= 1_000_000 or not 1 <= self.syn_burst <= 1_000_000:
             raise ConfigError("--syn-rate-limit must be 0-1000000 per second and --syn-burst 1-1000000")
+        if not 1 <= self.max_ifaces <= 4096:
+            raise ConfigError(f"at most 1 to 4096 interfaces can be watched at once, got {self.max_ifaces}")
 
     def cflags(self) -> list[str]:
         return [
@@ -97,6 +101,8 @@ class BpfConfig:
             f"-DENFORCE_MODE={ENFORCE_MODES[self.enforce_mode]}",
             f"-DSYN_RATE={self.syn_rate}",
             f"-DSYN_BURST={self.syn_burst}",
+            f"-DMAX_IFACES={self.max_ifaces}",
+            f"-DIFSLOT_CACHE={IFSLOT_CACHE}",
         ]
 
 
@@ -131,7 +137,11 @@ def render_source(cfg: BpfConfig, bpf_dir: Path = BPF_DIR) -> str:
 
 
 class XdpProgram:
-    """The compiled and loaded program with its maps. Not yet attached anywhere."""
+    """The compiled and loaded program with its maps. Not yet attached anywhere.
+
+    One program and one set of maps serve every interface: each attached interface has a
+    slot, its own element of the per-CPU counters (add_iface / remove_iface); the flow
+    table, blocklists and ring buffer are shared (a flow's key names its interface)."""
 
     def __init__(self, cfg: BpfConfig):
         cfg.validate()
@@ -159,14 +169,45 @@ class XdpProgram:
                                "run `make setup` to install bcc and kernel headers") from None
             raise BpfError(f"loading the XDP program failed: {msg.strip()}") from None
         self._counters = self.bpf[b"counters"]
+        self._ifslots, self._ifslots_more = self.bpf[b"ifslots"], self.bpf[b"ifslots_more"]
+        self._slots: dict[int, int] = {}  # ifindex -> slot
         self._flows_fd = self.bpf[b"flows"].map_fd
         self._callback_error: BaseException | None = None
 
+    # ---- interfaces ----
+    def add_iface(self, ifindex: int) -> int:
+        """Give `ifindex` a slot of the counters (before attaching to it); returns the slot.
+        AttachError when `cfg.max_ifaces` interfaces have one already. The slot's counters
+        are not reset: read them now as the starting point."""
+        if ifindex in self._slots:
+            return self._slots[ifindex]
+        used = set(self._slots.values())
+        slot = next((i for i in range(self.cfg.max_ifaces) if i not in used), None)
+        if slot is None:
+            raise AttachError(f"already watching {self.cfg.max_ifaces} interfaces, the most at once")
+        key = self._ifslots.Key(ifindex % IFSLOT_CACHE)
+        if self._ifslots[key].ifindex == 0:
+            self._ifslots[key] = IfSlot(ifindex, slot)
+        else:  # its direct entry belongs to another interface
+            self._ifslots_more[ct.c_uint32(ifindex)] = ct.c_uint32(slot)
+        self._slots[ifindex] = slot
+        return slot
+
+    def remove_iface(self, ifindex: int) -> None:
+        """Free `ifindex`'s slot (after detaching from it; read its last counts first)."""
+        if self._slots.pop(ifindex, None) is None:
+            return
+        key = self._ifslots.Key(ifindex % IFSLOT_CACHE)
+        if self._ifslots[key].ifindex == ifindex:
+            self._ifslots[key] = IfSlot(0, 0)
+        else:
+            libbpf.map_delete(self._ifslots_more.map_fd, ct.c_uint32(ifindex))
+
     # ---- counters ----
-    def read_counters(self) -> list[tuple[int, int]]:
-        """Cumulative (packets, bytes) per counter id, summed over CPUs."""
+    def read_counters(self, slot: int = 0) -> list[tuple[int, int]]:
+        """Cumulative (packets, bytes) per counter id of one slot, summed over CPUs."""
         # One element (struct counters) per CPU, holding every counter: one map read.
-        per_cpu = self._counters.getvalue(self._counters.Key(0))
+        per_cpu = self._counters.getvalue(self._counters.Key(slot))
         return [(sum(cpu.c[i].packets for cpu in per_cpu), sum(cpu.c[i].bytes for cpu in per_cpu))
                 for i in range(NR_COUNTERS)]
 
@@ -223,8 +264,8 @@ class XdpProgram:
         return ct.c_int32(verdict).value
 
     # ---- attach ----
-    def attach(self, iface: str, mode: str = "auto", egress: bool = True) -> "Attachment":
-        return Attachment(self, iface, mode, egress)
+    def attach(self, iface: str, mode: str = "auto", egress: bool = True, ifindex: int | None = None) -> "Attachment":
+        return Attachment(self, iface, mode, egress, ifindex)
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -238,15 +279,30 @@ def ifindex_of(iface: str) -> int:
 
 
 class Attachment:
-    """Our program attached to one interface through a BPF link. Close to detach."""
+    """Our program attached to one interface through BPF links (XDP, and TCX egress), with
+    the interface's slot of the counters (`slot`). `detach()` closes the links; the slot
+    stays ours until `release()`, so that the last counts can be read in between."""
 
-    def __init__(self, prog: XdpProgram, iface: str, mode: str, egress: bool = True):
+    def __init__(self, prog: XdpProgram, iface: str, mode: str, egress: bool = True, ifindex: int | None = None):
         if mode not in XDP_MODES:
             raise ConfigError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
         self.iface = iface
-        self.ifindex = ifindex_of(iface)
-        _clear_stale(self.ifindex, iface)
+        self.ifindex = ifindex_of(iface) if ifindex is None else ifindex
+        self._prog = prog
+        try:
+            _clear_stale(self.ifindex, iface)
+        except OSError as e:  # gone since it was listed
+            raise AttachError(f"cannot attach XDP to {iface}: {e.strerror}") from None
         self.link_fd = self.egress_fd = -1
+        self.slot = prog.add_iface(self.ifindex)
+        try:
+            self._attach(prog, mode, egress)
+        except BaseException:
+            self.release()
+            raise
+
+    def _attach(self, prog: XdpProgram, mode: str, egress: bool) -> None:
+        iface = self.iface
         # Egress first: a handshake's SYN-ACK leaves there, and one that left before the hook
         # was in place would leave the flow's handshake unverified for good.
         if egress:
@@ -266,7 +322,7 @@ class Attachment:
                 if e.errno == errno.EPERM:
                     raise PrivilegeError(f"not allowed to attach XDP to {iface}: {PERMISSION_HINT}") from None
                 if e.errno == errno.EBUSY:
-                    raise AttachError(_occupied_message(self.ifindex, iface)) from None
+                    raise OccupiedError(_occupied_message(self.ifindex, iface)) from None
                 errors.append(f"{MODE_NAMES[flags]}: {e.strerror}")
         else:
             self.detach()
@@ -290,6 +346,8 @@ class Attachment:
         log.info("attached the egress program to %s (TCX): SSH flows count both directions", self.iface)
 
     def detach(self) -> None:
+        """Close the links (the kernel detaches the programs; an interface already gone took
+        them with it). The counters' slot stays until release()."""
         if self.link_fd >= 0:
             os.close(self.link_fd)
             self.link_fd = -1
@@ -298,11 +356,16 @@ class Attachment:
             os.close(self.egress_fd)
             self.egress_fd = -1
 
+    def release(self) -> None:
+        """Detach, and free the counters' slot for another interface."""
+        self.detach()
+        self._prog.remove_iface(self.ifindex)
+
     def __enter__(self) -> "Attachment":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.detach()
+        self.release()
 
 
 def _occupied_message(ifindex: int, iface: str) -> str:
@@ -323,13 +386,13 @@ def _clear_stale(ifindex: int, iface: str) -> None:
         return
     name = libbpf.prog_name(q.prog_id)
     if name != PROG_NAME:
-        raise AttachError(_occupied_message(ifindex, iface))
+        raise OccupiedError(_occupied_message(ifindex, iface))
     mode_flags = {libbpf.XDP_ATTACHED_DRV: libbpf.XDP_FLAGS_DRV_MODE,
                   libbpf.XDP_ATTACHED_SKB: libbpf.XDP_FLAGS_SKB_MODE}.get(q.attach_mode, 0)
     try:
         libbpf.xdp_detach(ifindex, mode_flags)
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise AttachError(_occupied_message(ifindex, iface)) from None
+            raise OccupiedError(_occupied_message(ifindex, iface)) from None
         raise AttachError(f"cannot remove stale xdpwatch program {q.prog_id} from {iface}: {e.strerror}") from None
     log.warning("removed stale xdpwatch program id %d from %s (left by an earlier run)", q.prog_id, iface)

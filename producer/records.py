@@ -36,6 +36,12 @@ class CounterId(enum.IntEnum):
 NR_COUNTERS = len(CounterId)
 
 
+class IfSlot(ct.Structure):
+    """An entry of the direct-mapped ifindex -> slot table (struct ifslot)."""
+
+    _fields_ = [("ifindex", ct.c_uint32), ("slot", ct.c_uint32)]
+
+
 class Counter(ct.Structure):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
 
@@ -49,6 +55,7 @@ class FlowKey(ct.Structure):
         ("family", ct.c_uint8),
         ("proto", ct.c_uint8),
         ("_pad", ct.c_uint8 * 2),
+        ("ifindex", ct.c_uint32),
     ]
 
     def addrs(self) -> tuple[bytes, bytes]:
@@ -128,7 +135,6 @@ class FlowEvent(ct.Structure):
         ("val", FlowValue),
         ("key", FlowKey),
         ("type", ct.c_uint32),
-        ("_pad", ct.c_uint32),
     ]
 
 
@@ -140,13 +146,14 @@ class BannerEvent(ct.Structure):
 
     _fields_ = [
         ("key", FlowKey),
+        ("_pad1", ct.c_uint8 * 4),
         ("first_ns", ct.c_uint64),
         ("data", ct.c_uint8 * BANNER_MAX),
-        ("_pad0", ct.c_uint8 * 16),
-        ("type", ct.c_uint32),
         ("len", ct.c_uint16),
         ("dir", ct.c_uint8),
         ("_pad", ct.c_uint8),
+        ("_pad0", ct.c_uint8 * 8),
+        ("type", ct.c_uint32),
     ]
 
     @property

@@ -20,9 +20,18 @@ class XdpwatchProc:
     """`xdpwatch COMMAND ARGS…` in the background; stderr collected line by line."""
 
     def __init__(self, command: str, *args: str, env: dict | None = None):
-        self.argv = [XDPWATCH, command, *args]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={**os.environ, **(env or {})})
+        self._start([XDPWATCH, command, *args], {**os.environ, **(env or {})})
+
+    @classmethod
+    def exact(cls, argv: list[str], env: dict[str, str]) -> "XdpwatchProc":
+        """`argv` with exactly `env`, nothing inherited: a command line built elsewhere (a unit's)."""
+        self = cls.__new__(cls)
+        self._start(argv, env)
+        return self
+
+    def _start(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.stderr_lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

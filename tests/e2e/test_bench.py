@@ -31,7 +31,7 @@ def test_quick_bench_produces_every_figure(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((tmp_path / "latest.json").read_text())
     for part in ("xdp_cost", "events_to_kafka", "counters", "archive_replay", "memory", "scaling", "restore",
-                 "alert_state", "spool_check", "alert_vs_bare", "alert_restart"):
+                 "alert_state", "spool_check", "alert_vs_bare", "alert_restart", "interfaces"):
         assert result[part], part
     missing = [p for p, v in leaves(result) if v is None or v == ""]
     assert missing == [], missing
@@ -41,7 +41,8 @@ def test_quick_bench_produces_every_figure(tmp_path):
     assert result["archive_replay"]["archiver"]["lines"] == result["archive_replay"]["messages"]
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
     for title in ("1. XDP cost per packet", "6. Scaling", "7. Restore of the control topic", "8. Alert consumer",
-                  "9. Producer start check", "10. Alert consumer vs bare loops", "11. Alert consumer restart"):
+                  "9. Producer start check", "10. Alert consumer vs bare loops", "11. Alert consumer restart",
+                  "12. One producer, many interfaces"):
         assert title in r.stdout, title
     a = result["alert_state"]  # 20,000 sources, 2 events each, all handled; under the cap: none evicted
     assert a["events"] == 40_000 and a["sources_evicted"] == 0
@@ -53,3 +54,4 @@ def test_quick_bench_produces_every_figure(tmp_path):
     ar = result["alert_restart"]  # resumed at the end, every alert read back, none published again
     assert ar["resumed_at_offsets_sum"] == ar["events"] and ar["alerts_read_back"] == ar["alerts_first_run"] > 0
     assert ar["alerts_published_again"] == 0
+    assert set(result["interfaces"]["by_count"]) == {"1", "4"}  # the quick run's interface counts

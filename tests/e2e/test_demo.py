@@ -35,8 +35,11 @@ def test_make_demo_twice(tmp_path):
     assert s["exit_codes"]["alert"] == 0 and s["exit_codes"]["archive"] == 0
     brute = [a for a in s["alerts"] if a["rule"] == "ssh_bruteforce"]
     assert len(brute) == 1 and brute[0]["source"] == "198.18.0.2"
-    spike = [a for a in s["alerts"] if a["rule"] == "traffic_spike"]
-    assert len(spike) == 1 and int(spike[0]["message"].split()[0]) > 10_000  # the UDP flood
+    spike = [a for a in s["alerts"] if a["rule"] == "traffic_spike" and a["interface"] == "xwc0"]
+    assert len(spike) == 1 and int(spike[0]["message"].split()[0]) > 10_000  # the UDP flood, at the client's port
+    # one producer, two interfaces, each with its own records: what the client sends and what the server answers
+    assert set(s["packets_by_interface"]) == {"xwc0", "xws0"} and min(s["packets_by_interface"].values()) > 0
+    assert sum(s["packets_by_interface"].values()) == s["packets"]["total"]
     for cls in ("tcp", "udp", "icmp", "ssh"):
         assert s["packets"][cls] > 0, cls
     assert s["kernel_drops"] == 0

@@ -18,6 +18,7 @@ class Harness:
     def __init__(self, cfg: BpfConfig):
         self.cfg = cfg
         self.prog = XdpProgram(cfg)
+        self.prog.add_iface(1)  # BPF_PROG_TEST_RUN's frames arrive on lo (ifindex 1): slot 0
         self.events: list[FlowEvent] = []
         self.prog.open_events(self.events.append)
 

@@ -44,6 +44,7 @@ def progs():
         key = (mode, syn_rate, syn_burst)
         if key not in made:
             made[key] = XdpProgram(BpfConfig(enforce_mode=mode, syn_rate=syn_rate, syn_burst=syn_burst))
+            made[key].add_iface(1)  # BPF_PROG_TEST_RUN's frames arrive on lo (ifindex 1): slot 0
         return made[key]
 
     yield get

@@ -65,8 +65,10 @@ class Side:
 
     def __init__(self, mode: str, shaper: EventShaper, timeouts: FlowTimeouts, **cfg):
         self.prog = XdpProgram(BpfConfig(**cfg))
+        self.prog.add_iface(1)  # BPF_PROG_TEST_RUN's frames arrive on lo (ifindex 1): its counters in slot 0
         self.out = Capture()
-        self.flows = flowpath.open_flow_path(mode, self.prog, shaper, timeouts, self.out)
+        self.flows = flowpath.open_flow_path(mode, self.prog, shaper, timeouts, self.out,
+                                             name_of=lambda ifindex: {1: "lo"}[ifindex])
         assert self.flows.path == {"python": "python", "compiled": "compiled"}[mode]
 
     def ingress(self, *frames):
@@ -172,6 +174,7 @@ def test_a_session_of_every_kind_through_the_real_program(pair):
     assert end["ssh"]["client"]["software"] == "OpenSSH_9.2p1" and end["ssh"]["server"]["protocol"] == "2.0"
     assert end["ssh"]["auth"] == {"outcome": "failure", "confidence": "medium", "failures": 1}
     assert end["tcp"]["handshake"] == "complete" and end["network"]["direction"] == "internal"
+    assert end["observer"] == {"hostname": "gw1", "ingress": {"interface": {"name": "lo"}}}
     assert (end["source"]["packets"], end["destination"]["packets"]) == (4, 8)
     assert [d for d in docs if d["source"]["port"] == 40300][0]["flow"]["midstream"] is True
     assert docs[-1]["event"]["id"].endswith(f"-{len(docs)}")
@@ -200,6 +203,8 @@ def test_ring_buffer_drops_and_evictions_are_recovered_and_counted_alike(pair):
     # the flows whose event arrived, and those the sweep found in the table
     assert len(starts) == len(set(starts)) and set(starts) <= set(range(20000, 20000 + n))
     assert sides[1].flows.evicted == sides[0].flows.evicted == len(evicted) > 0
+    assert sides[1].flows.evicted_by_iface == sides[0].flows.evicted_by_iface == {1: len(evicted)}
+    assert sides[1].flows.active_by_iface() == sides[0].flows.active_by_iface() == {1: 16}
     assert sides[1].flows.active == sides[0].flows.active == 16
 
 

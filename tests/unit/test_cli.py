@@ -138,3 +138,35 @@ def test_missing_capabilities(tmp_path, capeff, missing):
     status = tmp_path / "status"
     status.write_text(f"Name:\tx\nCapEff:\t{capeff}\n")
     assert missing_capabilities(str(status)) == missing
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--iface-pattern", "veth(["],
+     "xdpwatch: error: --iface-pattern 'veth([' is not a regular expression: unterminated character set at position 5"),
+    (["--iface-pattern", "lo", "--exclude-iface-pattern", "*x"],
+     "xdpwatch: error: --exclude-iface-pattern '*x' is not a regular expression: nothing to repeat at position 0"),
+    (["--iface-pattern", "nomatch[0-9]+"],
+     "xdpwatch: error: no interface matches --iface-pattern 'nomatch[0-9]+'; list interfaces with `ip link`"),
+    (["--iface-pattern", "l.", "--exclude-iface-pattern", "lo"],
+     "xdpwatch: error: no interface matches --iface-pattern 'l.' (minus --exclude-iface-pattern 'lo'); "
+     "list interfaces with `ip link`"),
+    ([], "xdpwatch: error: name an interface to watch: --iface NAME (repeat for several) or --iface-pattern REGEX"),
+    (["--exclude-iface-pattern", "lo", "--iface", "lo"],
+     "xdpwatch: error: --exclude-iface-pattern narrows --iface-pattern: give that too"),
+    (["--iface", "lo", "--iface", "does-not-exist1"],
+     "xdpwatch: error: interface 'does-not-exist1' does not exist; list interfaces with `ip link`"),
+])
+def test_interface_selection_errors_are_one_line(args, line):
+    r = run("produce", *args, "--bootstrap-servers", "127.0.0.1:1")
+    assert r.returncode == 1 and r.stderr.strip() == line, r.stderr
+
+
+def test_selection_names_patterns_and_exclusions():
+    from xdpwatch.producer.interfaces import Selection
+    sel = Selection.parse(["eth0", "eth0"], "veth.*", "veth-keep.*|vethx")
+    assert sel.names == ("eth0",)
+    links = {1: "lo", 2: "eth0", 3: "veth1", 4: "veth-keep1", 5: "vethx", 6: "xveth1", 7: "vethxy"}
+    assert sel.select(links) == {2: "eth0", 3: "veth1", 7: "vethxy"}  # whole-name matches only
+    assert Selection.parse(["lo"], None, None).select(links) == {1: "lo"}
+    with pytest.raises(ConfigError, match="is not an interface name"):
+        Selection.parse(["a" * 16])

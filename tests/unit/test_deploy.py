@@ -68,6 +68,17 @@ def test_every_command_is_a_valid_invocation(name, monkeypatch):
     assert ctx.params["metrics_port"] == int(re.search(r"^EXPOSE (\d+)", DOCKERFILE, re.M)[1])
 
 
+def test_one_producer_watches_two_interfaces(monkeypatch):
+    """The compose producer's default is two interfaces, given the way the CLI reads them:
+    XDPWATCH_IFACE space-separated is `--iface eth0 --iface eth1`."""
+    for k in [k for k in os.environ if k.startswith("XDPWATCH_")]:
+        monkeypatch.delenv(k)
+    for k, v in env_of(SERVICES["producer"]).items():
+        monkeypatch.setenv(k, v)
+    ctx = CLI.commands["produce"].make_context("produce", list(SERVICES["producer"]["command"][1:]))
+    assert ctx.params["iface"] == ["eth0", "eth1"] and ctx.params["iface_pattern"] is None
+
+
 def test_producer_has_what_xdp_needs_and_no_more():
     p = SERVICES["producer"]
     assert p["network_mode"] == "host"  # it watches a host interface
@@ -79,7 +90,7 @@ def test_producer_has_what_xdp_needs_and_no_more():
     assert "XDPWATCH_METRICS_ADDRESS" not in env_of(p)  # host network: metrics stay on the host's loopback
     mounts = {v.split(":")[0]: v for v in p["volumes"]}
     assert mounts["/lib/modules"].endswith(":ro") and mounts["/usr/src"].endswith(":ro")
-    assert env_of(p)["XDPWATCH_IFACE"] == "eth0"
+    assert env_of(p)["XDPWATCH_IFACE"] == "eth0 eth1"
     # The spool (events waiting for Kafka) outlives the container, where the producer looks.
     import inspect
 

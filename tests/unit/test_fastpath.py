@@ -62,15 +62,21 @@ def reference(shaper: EventShaper, r: FlowReport) -> tuple[bytes, bytes]:
     return schemas.key_of("ssh-flows", doc), orjson.dumps(doc)
 
 
-def compiled(shaper: EventShaper, table=None, timeouts=FlowTimeouts(), emit=None, drain=None):
-    return flowpath.CompiledFlows(table or Table(), shaper, timeouts, emit or (lambda docs: None), drain)
+def compiled(shaper: EventShaper, table=None, timeouts=FlowTimeouts(), emit=None, drain=None, name_of=None):
+    return flowpath.CompiledFlows(table or Table(), shaper, timeouts, emit or (lambda docs: None), drain, name_of)
 
 
-def mkkey(client: str, cport: int, server: str, sport: int = 22, proto: int = 6) -> FlowKey:
+def name_of(ifindex: int) -> str:
+    """Interface names as the run loop gives them: one with what JSON escapes, one unknown."""
+    return {1: "eth0", 2: 'wg"0\\', 3: "veth\u00e9"}.get(ifindex, f"ifindex-{ifindex}")
+
+
+def mkkey(client: str, cport: int, server: str, sport: int = 22, proto: int = 6, ifindex: int = 0) -> FlowKey:
     import ipaddress
 
     c, s = ipaddress.ip_address(client), ipaddress.ip_address(server)
-    k = FlowKey(family=c.version if c.version == 4 else 6, proto=proto, client_port=cport, server_port=sport)
+    k = FlowKey(family=c.version if c.version == 4 else 6, proto=proto, client_port=cport, server_port=sport,
+                ifindex=ifindex)
     ct.memmove(k.client_addr, c.packed, len(c.packed))
     ct.memmove(k.server_addr, s.packed, len(s.packed))
     return k
@@ -271,9 +277,15 @@ class Pair:
         self.tables = Table(), Table()
         self.pending: list[list[bytes]] = [[], []]  # ring buffer records not yet read, per side
         self.docs: list[list[tuple[bytes, bytes]]] = [[], []]
-        self.ref = FlowTracker(self.tables[0], lambda r: self.docs[0].append(reference(self.ref_shaper, r)), timeouts,
+        self.ref = FlowTracker(self.tables[0], lambda r: self.docs[0].append(self._reference(r)), timeouts,
                                drain=lambda: self._drain(0))
-        self.fast = compiled(fast_shaper, self.tables[1], timeouts, self.docs[1].extend, drain=lambda: self._drain(1))
+        self.fast = compiled(fast_shaper, self.tables[1], timeouts, self.docs[1].extend, drain=lambda: self._drain(1),
+                             name_of=name_of)
+
+    def _reference(self, r: FlowReport) -> tuple[bytes, bytes]:
+        """What the run loop's Python path does with a report: its interface named."""
+        doc = self.ref_shaper.flow(r, name_of(r.key.ifindex))
+        return schemas.key_of("ssh-flows", doc), orjson.dumps(doc)
 
     def _drain(self, side: int) -> None:
         queue, self.pending[side] = self.pending[side], []
@@ -299,6 +311,8 @@ class Pair:
     def check(self) -> None:
         assert self.docs[1] == self.docs[0]
         assert (self.fast.evicted, self.fast.active) == (self.ref.evicted, self.ref.active)
+        assert self.fast.evicted_by_iface == self.ref.evicted_by_iface
+        assert self.fast.active_by_iface() == self.ref.active_by_iface()
         assert self.tables[1].entries == self.tables[0].entries
 
 
@@ -320,7 +334,8 @@ def test_a_lifecycle_of_every_kind_is_byte_identical():
     """Starts, handshakes, banners, RST events, FIN linger, idle, active updates, drops recovered
     by the sweep, LRU evictions, a 5-tuple reused, shutdown."""
     p = Pair(TIMEOUTS)
-    ks = [mkkey("192.0.2.7", 50000 + i, "192.0.2.1") for i in range(6)] + [mkkey("2001:db8::9", 40000, "2001:db8::1")]
+    ks = [mkkey("192.0.2.7", 50000 + i, "192.0.2.1", ifindex=1 + i % 3) for i in range(6)] + [
+        mkkey("2001:db8::9", 40000, "2001:db8::1", ifindex=2)]
     kb = [bytes(k) for k in ks]
 
     def v(first, **kw):
@@ -384,6 +399,17 @@ def test_a_lifecycle_of_every_kind_is_byte_identical():
     p.kernel_put(kb[5], bytes(v(31 * S, handshake=3)))
     p.kernel_event(flow_record(EventType.FLOW_START, ks[5], v(31 * S)))
     p.kernel_event(banner_record(ks[5], 31 * S, BANNERS[5], 2))
+    # interface 2 goes: its open flows end (shutdown), its ended ones leave the table
+    again = [mkkey("192.0.2.8", 50100 + i, "192.0.2.1", ifindex=2 + i % 2) for i in range(4)]
+    for k in again:
+        p.kernel_put(bytes(k), bytes(v(31 * S)))
+        p.kernel_event(flow_record(EventType.FLOW_START, k, v(31 * S)))
+    p.kernel_event(flow_record(EventType.FLOW_END_RST, again[0], v(31 * S, rst_ns=31 * S)))
+    p.read_events()
+    p.check()
+    p.ref.end_iface(2, 31 * S), p.fast.end_iface(2, 31 * S)
+    p.check()
+    assert not [k for k in p.tables[0].entries if FlowKey.from_buffer_copy(k).ifindex == 2]
     p.ref.shutdown(32 * S), p.fast.shutdown(32 * S)
     p.check()
     actions = [orjson.loads(d)["event"]["action"] + ":" + orjson.loads(d)["event"].get("reason", "") for _, d in p.docs[0]]
@@ -394,8 +420,9 @@ def test_a_lifecycle_of_every_kind_is_byte_identical():
 
 
 # A kernel that does things at random to a few 5-tuples, instances and times.
-few_keys = st.sampled_from([bytes(mkkey("192.0.2.7", 50000 + i, "192.0.2.1")) for i in range(3)]
-                           + [bytes(mkkey("2001:db8::7", 40000, "2001:db8::1"))])
+few_keys = st.sampled_from([bytes(mkkey("192.0.2.7", 50000 + i, "192.0.2.1", ifindex=1 + i % 2)) for i in range(3)]
+                           + [bytes(mkkey("192.0.2.7", 50000, "192.0.2.1", ifindex=3)),  # a 5-tuple on two interfaces
+                              bytes(mkkey("2001:db8::7", 40000, "2001:db8::1", ifindex=9))])
 firsts = st.sampled_from([S, 2 * S, 3 * S, 9 * S])
 
 
@@ -420,6 +447,7 @@ ops = st.one_of(
     st.tuples(st.just("evict"), few_keys),
     st.tuples(st.just("read"),),
     st.tuples(st.just("sweep"), st.integers(0, 40)),
+    st.tuples(st.just("end_iface"), st.sampled_from([1, 2, 3, 9])),
 )
 
 
@@ -441,6 +469,8 @@ def test_generated_kernel_histories_give_the_same_documents(history, end):
             p.kernel_delete(op[1])
         elif op[0] == "read":
             p.read_events()
+        elif op[0] == "end_iface":
+            p.ref.end_iface(op[1], now), p.fast.end_iface(op[1], now)
         else:
             now += op[1] * S // 4
             p.ref.sweep(now), p.fast.sweep(now)

@@ -218,3 +218,21 @@ def test_an_end_of_a_complete_flow_reports_its_handshake_first(world, how):
         table.put(k, complete(val(1 * S, packets=4)))
         tracker.shutdown(3 * S)
     assert [a for a, *_ in actions(reports)] == ["flow_start", "flow_established", "flow_end"]
+
+
+def test_end_iface_ends_only_that_interfaces_flows_with_their_final_counts(world):
+    """An interface that goes: its open flows end (reason shutdown) with the table's last
+    counts and leave the table; another interface's flows, same 5-tuple included, go on."""
+    table, reports, pending, tracker = world
+    k7, k8, k7b = key(40000), key(40000), key(40001)
+    k7.ifindex, k8.ifindex, k7b.ifindex = 7, 8, 7
+    for k in (k7, k8, k7b):
+        table.put(k, val(1 * S))
+        pending.append(event(EventType.FLOW_START, k, val(1 * S)))
+    tracker.sweep(2 * S)
+    assert tracker.active_by_iface() == {7: 2, 8: 1}
+    table.put(k7, val(1 * S, last=2 * S, packets=4))
+    tracker.end_iface(7, 3 * S)
+    ends = [(r.reason, r.key.ifindex, r.key.client_port, r.val.packets) for r in reports if r.action == "flow_end"]
+    assert sorted(ends) == [("shutdown", 7, 40000, 4), ("shutdown", 7, 40001, 1)]
+    assert list(table.entries) == [bytes(k8)] and tracker.active_by_iface() == {8: 1}

@@ -19,7 +19,7 @@ from xdpwatch.producer import records as r
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = (BPF_DIR / "xdpwatch.h").read_text()
 STRUCTS = {"counter": r.Counter, "flow_key": r.FlowKey, "flow_value": r.FlowValue, "flow_event": r.FlowEvent,
-           "banner_event": r.BannerEvent}
+           "banner_event": r.BannerEvent, "ifslot": r.IfSlot}
 
 
 def c_fields(name: str) -> list[str]:
@@ -68,7 +68,7 @@ def c_layout(tmp_path_factory) -> dict:
 def test_header_parsing_found_every_struct_and_counter():
     # Guards the regexes above: a parse that found nothing would make every check vacuous.
     assert c_fields("flow_key") == ["client_addr", "server_addr", "client_port", "server_port", "family",
-                                    "proto", "_pad"]
+                                    "proto", "_pad", "ifindex"]
     assert len(c_enumerators("counter_id")) == 18  # 17 counters + NR_COUNTERS
 
 
@@ -84,7 +84,9 @@ def test_struct_layout_matches_c(c_layout, cname):
 
 def test_sizes_the_ring_buffer_reader_relies_on(c_layout):
     assert c_layout["flow_event"]["size"] == ct.sizeof(r.FlowEvent) == 160
-    assert c_layout["flow_key"]["size"] == 40 and c_layout["flow_value"]["size"] == 112
+    assert c_layout["banner_event"]["size"] == ct.sizeof(r.BannerEvent) == 160
+    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 156
+    assert c_layout["flow_key"]["size"] == 44 and c_layout["flow_value"]["size"] == 112
     assert c_layout["counter"]["size"] == 16
 
 
@@ -108,8 +110,8 @@ def test_event_types_and_directions_match_c(c_layout):
 # struct flow_event packed by hand from the C declaration order, independent of ctypes:
 # flow_value (8 x u64, u32 tcp_flags, u32 client_isn, u32 server_isn, u8 midstream, directions,
 # banners, nsizes, handshake, 1 pad, 12 x u16 server_sizes, 6 pad),
-# flow_key (16 + 16 addr bytes, u16 client_port, u16 server_port, u8 family, u8 proto, 2 pad),
-# u32 type, u32 pad. Little endian (x86-64 and arm64 hosts).
+# flow_key (16 + 16 addr bytes, u16 client_port, u16 server_port, u8 family, u8 proto, 2 pad,
+# u32 ifindex), u32 type. Little endian (x86-64 and arm64 hosts).
 EVENT = struct.Struct("<8QIIIBBBBBx12H6x16s16sHHBB2xII")
 
 
@@ -119,21 +121,21 @@ def packed_event(**kw) -> bytes:
              midstream=1, directions=3, banners=1, nsizes=2, handshake=3, sizes=[41, 1088] + [0] * 10,
              client=bytes([192, 0, 2, 7]) + bytes(12),
              server=bytes([192, 0, 2, 1]) + bytes(12), client_port=40000, server_port=22, family=4, proto=6,
-             type=2, pad=0)
+             ifindex=7, type=2)
     v.update(kw)
     return EVENT.pack(v["first_ns"], v["last_ns"], v["fin_ns"], v["rst_ns"], v["packets"], v["bytes"],
                       v["to_client_packets"], v["to_client_bytes"],
                       v["tcp_flags"], v["client_isn"], v["server_isn"], v["midstream"], v["directions"],
                       v["banners"], v["nsizes"], v["handshake"], *v["sizes"],
                       v["client"], v["server"],
-                      v["client_port"], v["server_port"], v["family"], v["proto"], v["type"], v["pad"])
+                      v["client_port"], v["server_port"], v["family"], v["proto"], v["ifindex"], v["type"])
 
 
 def test_decode_event_from_bytes():
     assert EVENT.size == 160
     ev = r.decode_event(packed_event())
     assert isinstance(ev, r.FlowEvent)
-    assert ev.type == r.EventType.FLOW_END_RST and ev._pad == 0
+    assert ev.type == r.EventType.FLOW_END_RST and ev.key.ifindex == 7
     v = ev.val
     assert (v.first_ns, v.last_ns, v.fin_ns, v.rst_ns, v.packets, v.bytes) == (1_000, 2_000, 1_500, 1_900, 7, 1234)
     assert (v.to_client_packets, v.to_client_bytes) == (3, 600)
@@ -192,11 +194,11 @@ def test_tcp_flag_names(flags, names):
 
 def test_banner_event_shares_the_type_offset(c_layout):
     assert c_layout["banner_event"]["size"] == ct.sizeof(r.BannerEvent) == ct.sizeof(r.FlowEvent) == 160
-    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 152
+    assert r.BannerEvent.type.offset == r.FlowEvent.type.offset == 156
     raw = bytearray(160)
-    raw[152:156] = (3).to_bytes(4, "little")
+    raw[156:160] = (3).to_bytes(4, "little")
     raw[0:4] = bytes([192, 0, 2, 7])
-    raw[48:52] = b"SSH-"
-    raw[156:158] = (4).to_bytes(2, "little")
+    raw[56:60] = b"SSH-"
+    raw[144:146] = (4).to_bytes(2, "little")
     ev = r.decode_event(bytes(raw))
     assert isinstance(ev, r.BannerEvent) and ev.banner == b"SSH-"

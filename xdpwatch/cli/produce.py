@@ -31,10 +31,15 @@ ProducerPrefixOpt = topic_prefix_option("Topics are PREFIX.packet-counts and PRE
 
 
 @app.command(epilog="Example: xdpwatch produce --iface eth0 --bootstrap-servers kafka:9092 "
-                    "-X security.protocol=SSL  (events go to xdpwatch.packet-counts and xdpwatch.ssh-flows)")
+                    "-X security.protocol=SSL  (events go to xdpwatch.packet-counts and xdpwatch.ssh-flows); "
+                    "xdpwatch produce -i eth0 -i eth1 --iface-pattern 'veth.*' --bootstrap-servers kafka:9092")
 def produce(
-    iface: Annotated[str, typer.Option("--iface", "-i", envvar="XDPWATCH_IFACE",
-                                       help="Interface to watch (its ingress traffic).")],
+    iface: Annotated[list[str], typer.Option("--iface", "-i", envvar="XDPWATCH_IFACE", metavar="NAME",
+                                             help="Interface to watch; repeat for several (env: space-separated). It must exist at start; if it goes and comes back, it is watched again.")] = [],
+    iface_pattern: Annotated[Optional[str], typer.Option(envvar="XDPWATCH_IFACE_PATTERN", metavar="REGEX",
+                                                         help="Also watch every interface whose whole name matches this regular expression, now and as interfaces appear (e.g. 'veth.*'); must match one at start.")] = None,
+    exclude_iface_pattern: Annotated[Optional[str], typer.Option(envvar="XDPWATCH_EXCLUDE_IFACE_PATTERN", metavar="REGEX",
+                                                                 help="Of the --iface-pattern matches, leave out those whose whole name matches this.")] = None,
     bootstrap_servers: BootstrapForKafkaOutputOpt = None,
     interval: Annotated[float, typer.Option(envvar="XDPWATCH_INTERVAL", min=0.05,
                                             help="Seconds per packet-counts record.")] = 1.0,
@@ -89,7 +94,11 @@ def produce(
                                                 help="Who makes the SSH flow events: compiled (producer/_fastpath.c), python (the reference), or auto: compiled when built, else python with a warning.")] = FlowPath.auto,
     dump_bpf: Annotated[bool, typer.Option(hidden=True, help="Print the BPF source as compiled and exit.")] = False,
 ) -> None:
-    """Attach the XDP program to an interface and stream packet counts and SSH flows to Kafka.
+    """Attach the XDP program to interfaces and stream packet counts and SSH flows to Kafka.
+
+    One program and one set of maps for every interface; each interface has its own
+    packet-counts record per interval. Interfaces that appear and match are attached,
+    interfaces that go are detached (their last partial interval emitted).
 
     Stops on SIGINT or SIGTERM: emits the last partial interval, ends open flows
     (reason shutdown), flushes Kafka, detaches XDP. Exit code 0 when every event was
@@ -103,7 +112,8 @@ def produce(
     if enforce and dry_run:
         raise ConfigError("--enforce and --dry-run exclude each other: choose one")
     options = pipeline.Options(
-        iface=iface, output=output.value, kafka=None, interval_s=interval, flow_idle_timeout_s=flow_idle_timeout,
+        ifaces=tuple(iface), iface_pattern=iface_pattern, exclude_iface_pattern=exclude_iface_pattern,
+        output=output.value, kafka=None, interval_s=interval, flow_idle_timeout_s=flow_idle_timeout,
         flow_active_timeout_s=flow_active_timeout, flow_fin_linger_s=flow_fin_linger, ssh_ports=tuple(ssh_port),
         topic_prefix=topic_prefix, topic_partitions=topic_partitions, topic_replication=topic_replication,
         xdp_mode=xdp_mode.value, egress=egress, flow_table_size=flow_table_size, ringbuf_pages=ringbuf_pages,

@@ -150,21 +150,24 @@ class Demo:
         broker = Broker()
         made.append(broker)
         bs = ["--bootstrap-servers", broker.bootstrap]
-        say("creating namespaces xw0-cli/xw0-srv, veth xwc0 and a real sshd on 198.18.0.1:22")
+        say("creating namespaces xw0-cli/xw0-srv, veths xwc0 and xws0 and a real sshd on 198.18.0.1:22")
         net = Net(DEMO_NET)
         made.append(net)
         sshd = Sshd(net)
         made.append(sshd)
         prod_port, alert_port, arch_port = free_port(), free_port(), free_port()
         fast = ["-X", "session.timeout.ms=6000"]  # Tansu's first group join takes half of it
-        procs["produce"] = Proc("produce", xdpwatch("produce", "--iface", net.iface, *bs, "--interval", "1",
+        # Two interfaces, one producer: the client's port of the bridge (what the client sends)
+        # and the server's (what the server sends); each has its own packet-counts records.
+        procs["produce"] = Proc("produce", xdpwatch("produce", "--iface", net.iface, "--iface", net.srv_port_if,
+                                                    *bs, "--interval", "1",
                                                     "--flow-idle-timeout", "10", "--flow-fin-linger", "0.5",
                                                     "--metrics-port", str(prod_port),
                                                     "--spool-dir", str(self.workdir / "spool"),
                                                     "--summary-file", str(logs / "produce.summary.json")), logs)
-        wait_for(lambda: self._alive(procs["produce"]) and "attached XDP program" in procs["produce"].log(),
+        wait_for(lambda: self._alive(procs["produce"]) and "watching 2 interface(s)" in procs["produce"].log(),
                  60, "the producer to attach")
-        say(f"producer attached to {net.iface} (metrics on :{prod_port})")
+        say(f"producer attached to {net.iface} and {net.srv_port_if} (metrics on :{prod_port})")
         procs["alert"] = Proc("alert", xdpwatch("alert", *bs, "--rules", str(self.workdir / "rules.toml"),
                                                 "--from-beginning", "--dead-letter", str(self.workdir / "dead-letter.jsonl"),
                                                 "--metrics-port", str(alert_port), *fast), logs)
@@ -289,12 +292,14 @@ class Demo:
         segs = list_segments(self.workdir / "archive") if (self.workdir / "archive").exists() else []
         return {
             "duration_s": round(time.monotonic() - view.started, 1),
-            "packets": dict(view.packets), "peak_pps": round(view.peak_pps),
+            "packets": dict(view.packets), "packets_by_interface": dict(view.by_interface),
+            "peak_pps": round(view.peak_pps),
             "ssh_flows": {"started": view.flows_started, "ended": dict(view.flows_ended)},
             "kernel_drops": view.drops,
             "producer_delivery": view.delivery,
             "messages": dict(view.messages), "messages_total": messages,
-            "alerts": [{"rule": a["rule"]["name"], "source": a.get("source", {}).get("ip"), "message": a["message"]}
+            "alerts": [{"rule": a["rule"]["name"], "source": a.get("source", {}).get("ip"), "message": a["message"],
+                        "interface": a.get("observer", {}).get("ingress", {}).get("interface", {}).get("name")}
                        for a in view.alerts],
             "archive": {"dir": str(self.workdir / "archive"), "segments": len(segs)},
             "logs": str(self.workdir / "logs"),
@@ -323,6 +328,7 @@ def print_summary(s: dict) -> None:
     print("\n== xdpwatch demo summary ==")
     print(f"ran {s['duration_s']} s; XDP saw {p.get('total', 0):,} packets (tcp {p.get('tcp', 0):,}, "
           f"udp {p.get('udp', 0):,}, icmp {p.get('icmp', 0):,}, ssh {p.get('ssh', 0):,}), peak {s['peak_pps']:,} pkt/s")
+    print("  by interface: " + ", ".join(f"{i} {n:,}" for i, n in sorted(s["packets_by_interface"].items())))
     print(f"SSH flows: {s['ssh_flows']['started']} started, ended {s['ssh_flows']['ended']}; "
           f"kernel drops {s['kernel_drops']}")
     d = s["producer_delivery"]

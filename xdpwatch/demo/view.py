@@ -23,7 +23,8 @@ class View:
     started: float = field(default_factory=time.monotonic)
     messages: collections.Counter = field(default_factory=collections.Counter)  # per topic
     packets: collections.Counter = field(default_factory=collections.Counter)   # totals per class
-    rate: dict[str, float] = field(default_factory=dict)                        # last interval, per second
+    by_interface: collections.Counter = field(default_factory=collections.Counter)  # total packets per interface
+    rates: dict[str, dict[str, float]] = field(default_factory=dict)  # interface -> its last interval, per second
     peak_pps: float = 0.0
     flows_started: int = 0
     flows_ended: collections.Counter = field(default_factory=collections.Counter)  # by reason
@@ -33,13 +34,23 @@ class View:
     phase: str = "starting"
     reader_error: str | None = None  # the topic reader died: the demo must not go on blind
 
+    @property
+    def rate(self) -> dict[str, float]:
+        """Packets per second by class in the last interval, all interfaces together."""
+        total: collections.Counter = collections.Counter()
+        for r in self.rates.values():
+            total.update(r)
+        return dict(total)
+
     def add(self, topic: str, doc: dict) -> None:
         self.messages[topic] += 1
         stream = schemas.stream_of(topic)
         if stream == "packet-counts":
             secs = max(doc["interval"]["duration_ms"] / 1000, 1e-3)
             self.packets.update(doc["packets"])
-            self.rate = {k: v / secs for k, v in doc["packets"].items()}
+            iface = doc["observer"]["ingress"]["interface"]["name"]
+            self.by_interface[iface] += doc["packets"]["total"]
+            self.rates[iface] = {k: v / secs for k, v in doc["packets"].items()}
             self.peak_pps = max(self.peak_pps, self.rate["total"])
             self.drops += doc["drops"]["ringbuf"]
         elif stream == "ssh-flows":
