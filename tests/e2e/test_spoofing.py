@@ -87,7 +87,10 @@ def test_spoofed_sources_are_never_blocked_and_a_real_one_is(testnet, sshd, brok
     for address in (victim, net.srv_ip, *servers):
         assert not {rule for rule, ip in named if ip == address} & set(BLOCKING_RULES), (address, named)
     assert ("ssh_syn_flood", victim) in named  # alerted, as unverified
-    assert ("ssh_bruteforce", net.cli_ip) in named
+    # The real client: alerted by a blocking rule. Which one comes first is a race between
+    # two true alerts (ssh_auth_failures counts at each flow_end, ssh_bruteforce per
+    # connection) and the block that follows the first one ends the attack.
+    assert {rule for rule, ip in named if ip == net.cli_ip} & set(BLOCKING_RULES), named
 
     commands = [orjson.loads(m.value)["command"] for m in consume_all(broker.bootstrap, "xdpwatch.control")]
     enforcement = [orjson.loads(m.value) for m in consume_all(broker.bootstrap, "xdpwatch.enforcement")]
