@@ -1,17 +1,19 @@
 # xdpwatch: one image for the producer and the consumers; the entrypoint is the xdpwatch CLI.
 # bcc compiles the XDP program when the producer starts, against the host kernel's headers:
 # mount /lib/modules and /usr/src from the host (see docker-compose.yml).
-FROM debian:bookworm-slim
+#
+# Build stage: the venv, and xdpwatch with its compiled flow path (producer/_fastpath.c), which
+# needs Debian's compiler and Python headers; the image itself carries neither.
+FROM debian:bookworm-slim AS build
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      python3 python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 bpfcc-tools \
-      iproute2 zstd ca-certificates \
+      python3 python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 gcc python3-dev linux-libc-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 # A venv that sees Debian's bcc module (it is not on PyPI), with exactly the packages of
 # requirements-image.lock (`make lock`): sha256 checked, wheels only. Then xdpwatch itself,
-# resolving nothing, built by the locked setuptools.
+# resolving nothing, built by the locked setuptools; the build fails if the flow path does not import.
 RUN python3 -m venv --system-site-packages /opt/xdpwatch
 WORKDIR /opt/xdpwatch/src
 COPY requirements-image.lock ./
@@ -24,7 +26,20 @@ COPY kafka kafka
 COPY schemas schemas
 COPY bpf bpf
 RUN /opt/xdpwatch/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
- && /opt/xdpwatch/bin/xdpwatch --version
+ && cd / && rm -rf /opt/xdpwatch/src \
+ && /opt/xdpwatch/bin/python -c 'from xdpwatch.producer import flowpath; p = flowpath.unavailable(); assert not p, p'
+
+FROM debian:bookworm-slim
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      python3 python3-venv python3-bpfcc libbpfcc libbpf1 bpfcc-tools \
+      iproute2 zstd ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# The same Python at the same path as in the build stage: the venv works as it was built.
+COPY --from=build /opt/xdpwatch /opt/xdpwatch
+RUN /opt/xdpwatch/bin/xdpwatch --version
 
 # The consumers run as this user (fixed uid: volumes and host files can be given to it).
 # The archive directory is its own, mode 0700, as `xdpwatch archive` requires; a named

@@ -55,4 +55,4 @@ test-e2e: setup
 	$(PYTEST) -q tests/e2e
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info producer/_fastpath*.so

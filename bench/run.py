@@ -189,24 +189,25 @@ def spooled_exporter(bootstrap: str, prefix: str) -> KafkaExporter:
     return exporter
 
 
-def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile: bool = False) -> dict:
+def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile: bool = False,
+                 flow_path: str = "auto") -> dict:
     """The producer's own code path (ring buffer → decode → flow tracker → shape → orjson →
     confluent-kafka, with its settings and a sweep every second) on `n` flow_start events
-    queued in the ring buffer; timed until the broker acknowledged all of them."""
+    queued in the ring buffer; timed until the broker acknowledged all of them. `flow_path`:
+    the compiled one when built (auto), or the Python reference (python)."""
     table = max(65536, 2 * (n + prefill))
     prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=table, ringbuf_pages=ring_pages(n + prefill)))
     exporter = spooled_exporter(bootstrap, prefix)
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
-                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
+                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9), flow_path=flow_path)
     run = Pipeline(cfg, prog, exporter)
-    if prefill:  # flows already in the table (their events are consumed before timing)
+    if prefill:  # flows already in the table (their events are consumed and acknowledged before timing)
         inject(prog, prefill, start=10_000_000)
         while exporter.stats.delivered < prefill:
-            prog.poll_events(10)
+            run.tracker.poll_events(10)
             exporter.poll()
-        exporter.close(60)
-        exporter = run.exporter = spooled_exporter(bootstrap, prefix)
+    before = exporter.stats.produced  # the flow path keeps this exporter: count from here
     warm(exporter._producer)
     inject(prog, n)
     profiler = cProfile.Profile() if profile else None
@@ -214,7 +215,7 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     run.start()
     if profiler:
         profiler.enable()
-    while exporter.stats.produced + len(exporter.spool) < n and time.perf_counter() - t0 < 300:
+    while exporter.stats.produced - before + len(exporter.spool) < n and time.perf_counter() - t0 < 300:
         run.step()  # the producer's own loop body: ring buffer, Kafka, sweeps
     if profiler:
         profiler.disable()
@@ -224,13 +225,14 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     elapsed = time.perf_counter() - t0
     prog.close()
     out = {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed),
-           "delivered": stats.delivered, "failed": stats.failed}
+           "delivered": stats.delivered - before, "failed": stats.failed, "flow_path": run.tracker.path}
     if profiler:
         out["profile"] = stage_profile(profiler)
     return out
 
 
 STAGES = [  # (stage, substrings of "file:function" that belong to it), first match wins
+    ("compiled flow path (ring buffer, tracking, shaping)", ["_fastpath", "flowpath.py"]),
     ("ring buffer poll", ["ring_buffer_poll", "ring_buffer_consume", "poll_events", "ringbuf_cb"]),
     ("decode", ["decode_event", "on_record", "records.py"]),
     ("flow tracking", ["flows.py"]),
@@ -253,9 +255,10 @@ def stage_profile(profiler: cProfile.Profile) -> dict:
     return {k: round(100 * v / total, 1) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])}
 
 
-def bare_producer(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]]) -> dict:
+def bare_producer(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]],
+                  headers: list[tuple[str, bytes]] | None = None) -> dict:
     """The ceiling: confluent-kafka producing the same, already serialized lines with the
-    same settings, nothing else."""
+    same settings (and `headers` on each, when given), nothing else."""
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -272,7 +275,7 @@ def bare_producer(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]])
     for key, value in values:
         while True:
             try:
-                p.produce(topic, value, key, on_delivery=cb)
+                p.produce(topic, value, key, headers=headers, on_delivery=cb)
                 break
             except BufferError:
                 p.poll(0.01)
@@ -355,7 +358,7 @@ def naive_pipeline(bootstrap: str, topic: str, n: int) -> dict:
     return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed), "delivered": done[0]}
 
 
-def loss_at_max_rate(bootstrap: str, n: int) -> dict:
+def loss_at_max_rate(bootstrap: str, n: int, flow_path: str = "auto") -> dict:
     """Flows created as fast as one injecting thread can while the producer code drains a
     default-size (64-page) ring buffer: every flow is either an event or a counted drop,
     and the sweep still reports the dropped ones from the table."""
@@ -363,7 +366,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     exporter = spooled_exporter(bootstrap, "bench-loss")
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(bpf=prog.cfg, interval_s=3600,
-                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
+                        timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9), flow_path=flow_path)
     run = Pipeline(cfg, prog, exporter)
     injector = threading.Thread(target=inject, args=(prog, n))
     t0 = time.perf_counter()
@@ -372,7 +375,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     while injector.is_alive():
         run.step()
     injected_s = time.perf_counter() - t0
-    prog.poll_events(0)
+    run.tracker.poll_events(0)
     run.tracker.sweep(time.monotonic_ns())  # adopts flows whose start event was dropped
     stats = exporter.close(60)
     c = prog.read_counters()
@@ -382,7 +385,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
             "ring_events_submitted": submitted, "ring_drops_counted": drops,
             "flow_starts_delivered": stats.delivered, "delivery_failed": stats.failed,
             "ring_identity_holds": generated == submitted + drops,
-            "nothing_lost": stats.delivered == generated and stats.failed == 0}
+            "nothing_lost": stats.delivered == generated and stats.failed == 0, "flow_path": run.tracker.path}
 
 
 def events_to_kafka(broker: Broker, quick: bool) -> dict:
@@ -396,10 +399,12 @@ def events_to_kafka(broker: Broker, quick: bool) -> dict:
     # the same lines, already serialized, for the bare loop: read back what we produced
     values = read_back(broker.bootstrap, "bench.ssh-flows", n)
     bare = bare_producer(broker.bootstrap, "bench-bare.ssh-flows", values)
+    bare_h = bare_producer(broker.bootstrap, "bench-bareh.ssh-flows", values, schemas.headers("ssh-flows"))
     naive = naive_pipeline(broker.bootstrap, "bench-naive.ssh-flows", n)
     loss = loss_at_max_rate(broker.bootstrap, 2_000 if quick else 100_000)
-    return {"xdpwatch": ours, "bare_confluent_kafka": bare, "naive_pipeline": naive,
+    return {"xdpwatch": ours, "bare_confluent_kafka": bare, "bare_with_headers": bare_h, "naive_pipeline": naive,
             "ratio_to_bare": round(ours["events_per_s"] / bare["events_per_s"], 2),
+            "ratio_to_bare_with_headers": round(ours["events_per_s"] / bare_h["events_per_s"], 2),
             "ratio_to_naive": round(ours["events_per_s"] / naive["events_per_s"], 2),
             "mean_value_bytes": round(sum(len(v) for _, v in values) / len(values)),
             "profile_pct_of_loop": prof["profile"], "loss_at_max_rate": loss}
@@ -1140,9 +1145,11 @@ def table(r: dict) -> str:
     rows = [("1. XDP cost per packet", "ns", "÷ bare XDP_PASS")]
     rows += [(f"   {k}", f"{v['ns']:.1f}", f"{v['ratio_to_bare']:.2f}×") for k, v in x.items() if not k.startswith("_")]
     rows += [("2. Flow events to Kafka (acked)", "events/s", "ratio"),
-             ("   xdpwatch producer code", f"{e['xdpwatch']['events_per_s']:,}", ""),
+             ("   xdpwatch producer code", f"{e['xdpwatch']['events_per_s']:,}", f"{e['xdpwatch']['flow_path']} flow path"),
              ("   bare confluent-kafka, same lines", f"{e['bare_confluent_kafka']['events_per_s']:,}",
               f"xdpwatch ÷ bare {e['ratio_to_bare']:.2f}×"),
+             ("   bare, same lines and headers", f"{e['bare_with_headers']['events_per_s']:,}",
+              f"xdpwatch ÷ bare {e['ratio_to_bare_with_headers']:.2f}×"),
              ("   naive code, same documents (json.dumps…)", f"{e['naive_pipeline']['events_per_s']:,}",
               f"xdpwatch ÷ naive {e['ratio_to_naive']:.2f}×"),
              ("   where the time goes (% of loop)", "", ", ".join(f"{k} {v}" for k, v in e["profile_pct_of_loop"].items())),

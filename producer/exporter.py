@@ -51,6 +51,7 @@ class Exporter(Protocol):
     stats: DeliveryStats
 
     def export(self, stream: str, key: bytes | None, value: bytes) -> None: ...
+    def export_many(self, stream: str, items: list[tuple[bytes | None, bytes]]) -> None: ...
     def poll(self) -> None: ...
     def close(self, timeout: float) -> DeliveryStats: ...
 
@@ -159,6 +160,29 @@ class KafkaExporter:
             producer.poll(0)
         return True
 
+    def export_many(self, stream: str, items: list[tuple[bytes | None, bytes]]) -> None:
+        """export() of each (key, value) of `items`, in order: one tight loop around produce()
+        while librdkafka's queue takes them (the compiled flow path hands events over so)."""
+        done = 0
+        if self.spool is None or not len(self.spool):
+            producer, topic, headers, cb = self._producer, self.topics[stream], self._headers[stream], self._on_delivery
+            produce, every, unpolled = producer.produce, self.POLL_EVERY, self._unpolled
+            try:
+                for key, value in items:
+                    produce(topic, value, key, headers=headers, on_delivery=cb)
+                    done += 1
+                    unpolled += 1
+                    if unpolled >= every:
+                        unpolled = 0
+                        producer.poll(0)
+            except BufferError:
+                pass
+            finally:
+                self.stats.produced += done
+                self._unpolled = unpolled
+        for key, value in items[done:]:  # the local queue is full, or the spool holds events: as export() does
+            self.export(stream, key, value)
+
     def _overflow(self, stream: str, key: bytes | None, value: bytes) -> None:
         spool = self.spool
         if spool is not None:
@@ -250,6 +274,10 @@ class StdoutExporter:
         self._out.write(value + b"\n")
         self.stats.produced += 1
         self.stats.delivered += 1
+
+    def export_many(self, stream: str, items: list[tuple[bytes | None, bytes]]) -> None:
+        for key, value in items:
+            self.export(stream, key, value)
 
     def poll(self) -> None:
         self._out.flush()

@@ -210,7 +210,8 @@ class FlowTracker:
             elif now_ns - t.last_report_ns >= to.active_ns:
                 t.last_report_ns = now_ns
                 self.report(FlowReport("flow_update", None, t.key, _value(vb), t.banners))
-        for kb in flows.keys() - present:  # gone from the table (or learned of during the read)
+        # gone from the table (or learned of during the read), in the order we learned of them
+        for kb in [kb for kb in flows if kb not in present]:
             t = flows[kb]
             if t.generation < self._generation:
                 if not t.ended:

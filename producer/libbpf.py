@@ -188,8 +188,9 @@ _lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
 _lib.bpf_map_delete_elem.restype = ct.c_int
 
 
-def map_lookup_batch_raw(map_fd: int, key_size: int, value_size: int, chunk: int = 4096):
-    """All (key, value) pairs of a hash map as bytes, `chunk` entries per syscall.
+def map_lookup_batch_blobs(map_fd: int, key_size: int, value_size: int, chunk: int = 4096):
+    """All entries of a hash map, one (keys, values) pair of bytes per syscall: the raw keys
+    side by side, and their values likewise (at most `chunk` of each).
 
     Entries are copies; the map may change while we read (a batch read is not a snapshot).
     """
@@ -207,13 +208,19 @@ def map_lookup_batch_raw(map_fd: int, key_size: int, value_size: int, chunk: int
         if ret < 0 and ret != -2:  # -ENOENT marks the last batch
             _check(ret, "bpf_map_lookup_batch")
         n = count.value
-        kraw, vraw = keys.raw[:n * key_size], values.raw[:n * value_size]
-        yield from zip([kraw[i:i + key_size] for i in range(0, len(kraw), key_size)],
-                       [vraw[i:i + value_size] for i in range(0, len(vraw), value_size)])
+        if n:
+            yield ct.string_at(keys, n * key_size), ct.string_at(values, n * value_size)
         if ret == -2 or n == 0:
             return
         ct.memmove(in_batch, out_batch, token_size)
         first = False
+
+
+def map_lookup_batch_raw(map_fd: int, key_size: int, value_size: int, chunk: int = 4096):
+    """All (key, value) pairs of a hash map as bytes (see map_lookup_batch_blobs)."""
+    for kraw, vraw in map_lookup_batch_blobs(map_fd, key_size, value_size, chunk):
+        yield from zip([kraw[i:i + key_size] for i in range(0, len(kraw), key_size)],
+                       [vraw[i:i + value_size] for i in range(0, len(vraw), value_size)])
 
 
 def map_lookup_batch(map_fd: int, key_type, value_type, chunk: int = 4096):

@@ -219,6 +219,10 @@ class XdpProgram:
         """The flow table as raw (key, value) bytes: what the tracker's sweep reads."""
         return libbpf.map_lookup_batch_raw(self._flows_fd, ct.sizeof(FlowKey), ct.sizeof(FlowValue))
 
+    def flow_blobs(self) -> list[tuple[bytes, bytes]]:
+        """The flow table as (keys, values) chunks of raw records: what the compiled path reads."""
+        return list(libbpf.map_lookup_batch_blobs(self._flows_fd, ct.sizeof(FlowKey), ct.sizeof(FlowValue)))
+
     def pop_flow(self, key: FlowKey) -> FlowValue | None:
         val = FlowValue()
         return val if libbpf.map_lookup_and_delete(self._flows_fd, key, val) else None

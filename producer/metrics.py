@@ -33,6 +33,7 @@ class ProducerMetrics:
         self.capacity, self.delivery = flow_table_size, delivery
         self.snapshots: dict[str, Snapshot] = {}  # interface name -> its last interval's figures
         self.interfaces = InterfaceCounts()
+        self.flow_path = ""  # compiled | python: who makes the flow events (set by the run loop)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -73,6 +74,11 @@ class ProducerMetrics:
                                   ("skipped", n.skipped, "Matching interfaces not watched (a foreign XDP program…)")):
             yield CounterMetricFamily(f"xdpwatch_interfaces_{name}", text, value=value)
         yield GaugeMetricFamily("xdpwatch_flow_table_capacity", "Most SSH flows tracked at once", value=self.capacity)
+        if self.flow_path:
+            fp = GaugeMetricFamily("xdpwatch_flow_path", "Which implementation makes the flow events (1: this one)",
+                                   labels=["path"])
+            fp.add_metric([self.flow_path], 1)
+            yield fp
         d = self.delivery
         for name, value, text in (("produced", d.produced, "Events handed to Kafka"),
                                   ("delivered", d.delivered, "Events acknowledged by Kafka"),

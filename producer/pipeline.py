@@ -32,7 +32,8 @@ from xdpwatch.producer.enforcement import Enforcer, Network, Policy
 from xdpwatch.producer.errors import AttachError, ConfigError, DeliveryError, InterfaceError, OccupiedError
 from xdpwatch.producer.events import Clock, CounterDeltas, EventShaper
 from xdpwatch.producer.exporter import DeliveryStats, Exporter, KafkaExporter, StdoutExporter
-from xdpwatch.producer.flows import FlowReport, FlowTimeouts, FlowTracker
+from xdpwatch.producer.flowpath import PATHS as FLOW_PATHS, open_flow_path
+from xdpwatch.producer.flows import FlowTimeouts
 from xdpwatch.producer.hostnet import Protected, broker_protected, host_protected
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.interfaces import LinkEvents, Selection, current_links
@@ -75,6 +76,7 @@ class Options:
     summary_file: Path | None
     iface_pattern: str | None = None
     exclude_iface_pattern: str | None = None
+    flow_path: str = "auto"           # auto, compiled, python (flowpath.open_flow_path)
 
     def selection(self) -> Selection:
         return Selection.parse(self.ifaces, self.iface_pattern, self.exclude_iface_pattern)
@@ -85,6 +87,8 @@ class Options:
                         self.enforce_mode, self.syn_rate_limit, self.syn_burst)
         bpf.validate()
         self.selection()
+        if self.flow_path not in FLOW_PATHS:
+            raise ConfigError(f"the flow path must be one of {', '.join(FLOW_PATHS)}, got {self.flow_path!r}")
         if self.enforce_mode != "off" and self.output != "kafka":
             raise ConfigError("--enforce and --dry-run take their commands from Kafka: use --output kafka")
         if self.summary_file is not None and not self.summary_file.resolve().parent.is_dir():
@@ -99,7 +103,8 @@ class Options:
                                   active_ns=int(self.flow_active_timeout_s * 1e9),
                                   fin_linger_ns=int(self.flow_fin_linger_s * 1e9)),
             sweep_s=min(1.0, self.interval_s), flush_timeout_s=self.shutdown_timeout_s,
-            policy=Policy(allow=self.allow), egress=self.egress, kafka_brokers=tuple(brokers))
+            policy=Policy(allow=self.allow), egress=self.egress, kafka_brokers=tuple(brokers),
+            flow_path=self.flow_path)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class ProduceConfig:
     egress: bool = True  # also hook egress: SSH flows count both directions
     kafka_brokers: tuple[str, ...] = ()  # bootstrap servers: never blocked (with the host's own addresses)
     rescan_s: float = 2.0  # interfaces re-read this often, and on every link notification
+    flow_path: str = "auto"  # auto | compiled | python: who makes the flow events (flowpath.py)
 
 
 @dataclass
@@ -128,6 +134,7 @@ class RunSummary:
     ringbuf_drops: int = 0
     delivery: DeliveryStats = field(default_factory=DeliveryStats)
     interfaces: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> packets, bytes (all its intervals)
+    flow_path: str = ""  # compiled | python: the one that ran
     MAX_INTERFACES = 4096  # names kept; the rest add up under "(others)"
 
     def add(self, iface: str, delta: list[tuple[int, int]]) -> None:
@@ -145,7 +152,8 @@ class RunSummary:
         """The run's figures as --summary-file has them (README, *Run the producer*)."""
         d = self.delivery
         return {"packets": self.packets, "ssh_flows": self.flows_started, "flows_evicted": self.flows_evicted,
-                "ringbuf_drops": self.ringbuf_drops, "intervals": self.intervals, "interfaces": self.interfaces,
+                "ringbuf_drops": self.ringbuf_drops, "intervals": self.intervals, "flow_path": self.flow_path,
+                "interfaces": self.interfaces,
                 "events": {"produced": d.produced, "delivered": d.delivered, "failed": d.failed,
                            "undelivered": d.pending, "spooled": d.spooled, "dropped": d.dropped,
                            "already_in_kafka": d.already_in_kafka}}
@@ -263,14 +271,16 @@ class Pipeline:
         self.cfg, self.prog, self.exporter, self.metrics = cfg, prog, exporter, metrics
         self.clock = Clock()
         self.shaper = EventShaper(None, self.clock, enforce_mode=cfg.bpf.enforce_mode)
-        self.tracker = FlowTracker(prog, self._export_flow, cfg.timeouts, drain=lambda: prog.poll_events(0))
-        prog.open_events(self.tracker.on_event)
+        # ring buffer -> flow tracking -> ssh-flows documents -> exporter, compiled or in Python
+        self.tracker = open_flow_path(cfg.flow_path, prog, self.shaper, cfg.timeouts, exporter, self._name_of)
+        if metrics is not None:
+            metrics.flow_path = self.tracker.path
         self.control = control
         self.enforcer = None
         if cfg.bpf.enforce_mode != "off":
             self.enforcer = Enforcer(prog, cfg.bpf.enforce_mode, cfg.policy,
                                      lambda doc: self._export("enforcement", doc), self.shaper)
-        self.summary = RunSummary()
+        self.summary = RunSummary(flow_path=self.tracker.path)
         self._brokers: list[Protected] = []
         self.watched: dict[int, _Watched] = {}  # ifindex -> the interface attached to
         self._skipped: dict[int, tuple[str, bool]] = {}  # ifindex -> (name, retry once its XDP hook is free)
@@ -294,9 +304,6 @@ class Pipeline:
                 self._other_names.clear()
             self._other_names[ifindex] = name
         return name
-
-    def _export_flow(self, report: FlowReport) -> None:
-        self._export("ssh-flows", self.shaper.flow(report, self._name_of(report.key.ifindex)))
 
     def _export(self, stream: str, doc: dict) -> None:
         self.exporter.export(stream, schemas.key_of(stream, doc), orjson.dumps(doc))
@@ -361,7 +368,7 @@ class Pipeline:
         w = self.watched[ifindex]
         w.attachment.detach()
         now = self.clock.monotonic_ns()
-        self.prog.poll_events(0)
+        self.tracker.poll_events(0)
         self.tracker.end_iface(ifindex, now)
         self._emit_interval(ifindex, w, now, 0, final=True)
         w.attachment.release()
@@ -461,7 +468,7 @@ class Pipeline:
         clock = self.clock
         now = clock.monotonic_ns()
         wait_ms = max(0, min(self._next_interval, self._next_sweep, now + 100_000_000) - now) // 1_000_000
-        self.prog.poll_events(max(1, wait_ms))
+        self.tracker.poll_events(max(1, wait_ms))
         self.exporter.poll()
         if self.enforcer is not None:
             if self.control is not None:
@@ -526,8 +533,9 @@ class Pipeline:
             for w in self.watched.values():
                 w.attachment.detach()
         now = clock.monotonic_ns()
-        self.prog.poll_events(0)
+        self.tracker.poll_events(0)
         self.tracker.shutdown(now)
+        self.tracker.close()
         if self.enforcer is not None:
             self.enforcer.close()
         self._export_interval(now, final=True)

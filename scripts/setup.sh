@@ -13,6 +13,7 @@ APT_PACKAGES=(
   openssh-server openssh-client sshpass                   # real sshd + client for SSH tests
   zstd                                                    # zstdcat for archives
   libcap2-bin                                             # capsh: tests run the producer with 3 capabilities
+  gcc libc6-dev python3-dev libbpf1                       # build the compiled flow path (producer/_fastpath.c)
 )
 
 missing=()
@@ -55,11 +56,14 @@ fi
 # differs fails the install. Then xdpwatch itself, editable, without resolving anything and
 # built by the locked setuptools (build isolation would fetch an unpinned one). A package
 # the system already has at the locked version (--system-site-packages) is used as it is.
-stamp=.venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+# The stamp follows the C extension's sources too: a changed one is compiled again.
+stamp=.venv/.installed-$(cat requirements.lock pyproject.toml producer/_fastpath.c bpf/xdpwatch.h | sha256sum | cut -c1-16)
 if [[ ! -e "$stamp" ]]; then
   log "installing the locked Python packages (requirements.lock, hashes checked) into .venv"
   .venv/bin/python -m pip install -q --require-hashes --only-binary :all: -r requirements.lock
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  # The editable install compiled the flow path next to its source: prove it imports.
+  .venv/bin/python -c 'from xdpwatch.producer import flowpath; p = flowpath.unavailable(); assert not p, p'
   rm -f .venv/.installed-*; touch "$stamp"
 else
   log "python packages up to date"

@@ -32,6 +32,7 @@ def flood(net, producer_args: list[str]):
         time.sleep(4)  # idle timeout + sweeps
         rc = producer.stop()
     assert rc == 0, producer.stderr
+    assert producer.summary()["flow_path"] == "compiled"  # CI runs the compiled flow path, not the fallback
     return producer.summary(), rate
 
 

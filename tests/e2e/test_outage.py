@@ -189,6 +189,27 @@ def test_a_burst_bigger_than_the_local_queue_needs_no_spool_while_the_broker_is_
     assert values == list(range(n))
 
 
+def test_a_batch_handed_over_at_once_keeps_its_order_when_the_local_queue_fills(broker_factory, tmp_path):
+    """export_many (how the compiled flow path hands over its documents): 30,000 events in
+    one call into a 1,000-event local queue. What the queue does not take goes where export()
+    sends it (here the spool) and leaves from there: all delivered, in order, none twice."""
+    broker = broker_factory()
+    exporter = KafkaExporter({"bootstrap.servers": broker.bootstrap, "queue.buffering.max.messages": "1000"}, "batch")
+    exporter.ensure_topics(1, 1)
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    exporter.use_spool(spool)
+    n = 30_000
+    exporter.export_many("ssh-flows", [(b"k", b'{"i":%d}' % i) for i in range(n)])
+    assert len(spool) > 0  # the queue did fill
+    deadline = time.monotonic() + 60
+    while len(spool) and time.monotonic() < deadline:
+        exporter.poll()
+    stats = exporter.close(30)
+    assert (stats.delivered, stats.failed, stats.dropped, stats.spooled) == (n, 0, 0, 0)
+    values = [int(orjson.loads(m.value)["i"]) for m in consume_all(broker.bootstrap, "batch.ssh-flows")]
+    assert values == list(range(n))
+
+
 def test_a_corrupt_spool_never_fails_the_start(testnet, broker_factory, tmp_path):
     """A spool damaged between runs: a `*.spool` file whose name is not a number, a record
     whose stream name is not UTF-8, a header announcing a 4 GiB value. The producer starts,

@@ -281,6 +281,7 @@ def test_metrics_and_json_logs(testnet, broker):
     assert get("xdpwatch_ringbuf_drops_total") == 0 and process("xdpwatch_flow_table_capacity") == 65536
     assert process("xdpwatch_events_produced_total") >= process("xdpwatch_events_delivered_total") >= 2
     assert process("xdpwatch_events_failed_total") == 0 and process("xdpwatch_interfaces_watched") == 1
+    assert m['xdpwatch_flow_path{path="compiled"}'] == 1
     assert "process_resident_memory_bytes" in m
     logs = [orjson.loads(line) for line in producer.stderr_lines if line.startswith("{")]
     assert len(logs) == len(producer.stderr_lines) >= 2  # every line is JSON

@@ -165,6 +165,9 @@ def test_built_package_carries_bpf_sources_and_schemas(tmp_path):
     for f in (*bpf, "schemas/ssh-flow.v1.json",
               "schemas/packet-counts.v1.json", "schemas/alert.v1.json", "consumers/archive.py", "producer/loader.py"):
         assert f"xdpwatch/{f}" in names, f
+    # the compiled flow path, built from producer/_fastpath.c with the system compiler
+    assert any(n.startswith("xdpwatch/producer/_fastpath.") and n.endswith(".so") for n in names), sorted(names)
+
     # Every module of every package folder (a subpackage missing from pyproject's list is not installed).
     import tomllib
 
@@ -173,3 +176,13 @@ def test_built_package_carries_bpf_sources_and_schemas(tmp_path):
               for package, folder in dirs.items() for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
     assert {"xdpwatch/kafka/read.py", "xdpwatch/cli/produce.py", "xdpwatch/demo/traffic.py"} <= source
     assert source <= names, sorted(source - names)
+
+
+def test_the_image_builds_the_compiled_flow_path_in_a_stage_of_its_own():
+    """The compiler and headers stay in the build stage; the build fails if the module does not import."""
+    build, image = DOCKERFILE.split("\nFROM debian:bookworm-slim\n")
+    assert re.search(r"^FROM debian:bookworm-slim AS build$", build, re.M)
+    for pkg in ("gcc", "python3-dev"):
+        assert re.search(rf"\b{pkg}\b", build) and not re.search(rf"\b{pkg}\b", image), pkg
+    assert "flowpath.unavailable()" in build
+    assert "COPY --from=build /opt/xdpwatch /opt/xdpwatch" in image

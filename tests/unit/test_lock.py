@@ -87,8 +87,8 @@ def test_installs_check_hashes_and_take_wheels_only():
                      DOCKERFILE)
     assert "pip install --no-cache-dir --no-deps --no-build-isolation ." in DOCKERFILE
     assert re.search(r"^COPY requirements-image.lock \./$", DOCKERFILE, re.M)
-    # Setup reinstalls when the lock (or pyproject.toml) changes, not otherwise.
-    assert "$(cat requirements.lock pyproject.toml | sha256sum" in SETUP
+    # Setup reinstalls when the lock (or pyproject.toml, or the C extension's sources) changes, not otherwise.
+    assert "$(cat requirements.lock pyproject.toml producer/_fastpath.c bpf/xdpwatch.h | sha256sum" in SETUP
 
 
 def test_broker_wheel_with_another_hash_is_refused(tmp_path):

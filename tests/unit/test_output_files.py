@@ -237,7 +237,8 @@ def test_the_producer_summary_is_0600_whole_and_replaces_a_link(tmp_path, victim
     summary = tmp_path / "summary.json"
     summary.symlink_to(victim)
     options = type("Options", (), {"summary_file": summary, "spool_dir": tmp_path / "spool"})()
-    run = RunSummary(intervals=3, packets=10, flows_started=2, interfaces={"eth0": {"packets": 10, "bytes": 900}})
+    run = RunSummary(intervals=3, packets=10, flows_started=2, flow_path="compiled",
+                     interfaces={"eth0": {"packets": 10, "bytes": 900}})
     run.delivery.produced = run.delivery.delivered = 7
     with umask(mask):
         finish(run, options)
@@ -246,7 +247,7 @@ def test_the_producer_summary_is_0600_whole_and_replaces_a_link(tmp_path, victim
     import json
 
     assert json.loads(summary.read_text()) == {
-        "packets": 10, "ssh_flows": 2, "flows_evicted": 0, "ringbuf_drops": 0, "intervals": 3,
+        "packets": 10, "ssh_flows": 2, "flows_evicted": 0, "ringbuf_drops": 0, "intervals": 3, "flow_path": "compiled",
         "interfaces": {"eth0": {"packets": 10, "bytes": 900}},
         "events": {"produced": 7, "delivered": 7, "failed": 0, "undelivered": 0, "spooled": 0, "dropped": 0,
                    "already_in_kafka": 0}}

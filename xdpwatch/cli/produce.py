@@ -15,6 +15,12 @@ from xdpwatch.cli.options import (BootstrapForKafkaOutputOpt, KafkaConfigOpt, Ka
                                   setup_logging, stop_event, topic_prefix_option)
 
 
+class FlowPath(str, enum.Enum):
+    auto = "auto"
+    compiled = "compiled"
+    python = "python"
+
+
 class XdpMode(str, enum.Enum):
     auto = "auto"
     native = "native"
@@ -84,6 +90,8 @@ def produce(
     log_format: LogFormatOpt = LogFormat.text,
     summary_file: Annotated[Optional[Path], typer.Option(envvar="XDPWATCH_SUMMARY_FILE", metavar="FILE", dir_okay=False,
                                                          help="At exit, write the run's figures there as one JSON object (mode 0600, replaced whole): packets, SSH flows, evictions, kernel drops, and the events produced, delivered, failed, undelivered, spooled, dropped and found already in Kafka. For scripts; the last log line says the same.")] = None,
+    flow_path: Annotated[FlowPath, typer.Option(envvar="XDPWATCH_FLOW_PATH",
+                                                help="Who makes the SSH flow events: compiled (producer/_fastpath.c), python (the reference), or auto: compiled when built, else python with a warning.")] = FlowPath.auto,
     dump_bpf: Annotated[bool, typer.Option(hidden=True, help="Print the BPF source as compiled and exit.")] = False,
 ) -> None:
     """Attach the XDP program to interfaces and stream packet counts and SSH flows to Kafka.
@@ -112,7 +120,8 @@ def produce(
         shutdown_timeout_s=shutdown_timeout, spool_dir=spool_dir, spool_max_mb=spool_max_mb,
         enforce_mode="enforce" if enforce else "dry_run" if dry_run else "off",
         allow=tuple(prefix(p, "--allow") for p in allow), syn_rate_limit=syn_rate_limit, syn_burst=syn_burst,
-        metrics_port=metrics_port, metrics_address=metrics_address, summary_file=summary_file)
+        metrics_port=metrics_port, metrics_address=metrics_address, summary_file=summary_file,
+        flow_path=flow_path.value)
     bpf = options.check()
     if dump_bpf:
         typer.echo(render_source(bpf), nl=False)
