@@ -32,9 +32,7 @@
 #include <structmember.h>
 
 #include <arpa/inet.h>
-#include <cpuid.h>
 #include <errno.h>
-#include <immintrin.h>
 #include <linux/types.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -42,6 +40,11 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define HAVE_X86_SHA 1
+#endif
 
 #include "xdpwatch.h"
 
@@ -88,6 +91,7 @@ static void sha1_block(uint32_t h[5], const uint8_t *p)
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e;
 }
 
+#ifdef HAVE_X86_SHA
 /* The same with the x86 SHA extensions (a Community ID costs one block: about 10x faster). */
 #define SHA_GROUP(Ecur, Eoth, M0, M1, M2, M3, f) \
     Ecur = _mm_sha1nexte_epu32(Ecur, M0);        \
@@ -152,8 +156,6 @@ __attribute__((target("sha,sse4.1"))) static void sha1_block_ni(uint32_t h[5], c
     h[4] = (uint32_t)_mm_extract_epi32(e0, 3);
 }
 
-static int have_sha_ni;
-
 static int cpu_has_sha_ni(void)
 {
     unsigned a, b, c, d;
@@ -161,6 +163,12 @@ static int cpu_has_sha_ni(void)
         return 0;
     return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 19)) && (c & (1u << 9)); /* SSE4.1, SSSE3 */
 }
+#else  /* other CPUs: the portable block function only */
+#define sha1_block_ni sha1_block
+static int cpu_has_sha_ni(void) { return 0; }
+#endif
+
+static int have_sha_ni;
 
 static void sha1_with(const uint8_t *msg, size_t len, uint8_t out[20], int ni)
 {
