@@ -46,7 +46,8 @@ static __always_inline int parse_eth(struct pkt *p)
 		count_class(p, C_MALFORMED);
 		return 0;
 	}
-	__u16 proto = bpf_ntohs(eth->h_proto);
+	/* One 16-bit load: struct ethhdr is packed, so eth->h_proto is read a byte at a time. */
+	__u16 proto = bpf_ntohs(*(__be16 *)(p->data + offsetof(struct ethhdr, h_proto)));
 	void *cur = eth + 1;
 	int tagged = 0;
 
