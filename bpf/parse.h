@@ -199,8 +199,6 @@ static __always_inline int parse_tcp(struct pkt *p)
 	/* The payload from the IP length, not the frame's: short frames carry padding. */
 	p->payload_off = (__u32)((void *)tcp - p->data) + tcp->doff * 4;
 	p->payload_len = p->l4_len - tcp->doff * 4;
-	p->seq = bpf_ntohl(tcp->seq);
-	p->ack = bpf_ntohl(tcp->ack_seq);
 	p->flags = ((__u8 *)tcp)[13];
 	return 1;
 }
