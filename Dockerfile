@@ -20,6 +20,7 @@ COPY pyproject.toml README.md ./
 COPY xdpwatch xdpwatch
 COPY producer producer
 COPY consumers consumers
+COPY kafka kafka
 COPY schemas schemas
 COPY bpf bpf
 RUN /opt/xdpwatch/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \

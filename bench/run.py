@@ -32,13 +32,14 @@ from xdpwatch import __version__, schemas
 from xdpwatch.consumers.archive import Archiver
 from xdpwatch.consumers.base import LoopStats, consumer_conf, run_loop
 from xdpwatch.consumers.replay import Filters, ReplayStats, replay, select_inputs
-from xdpwatch.lab import Broker, Net, free_port, scrape, sh, wait_for
+from xdpwatch.kafka.read import Reader
+from xdpwatch.demo.lab import Broker, Net, free_port, scrape, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
 from xdpwatch.producer.loader import BpfConfig, XdpProgram
 from xdpwatch.producer.events import Clock
-from xdpwatch.producer.pipeline import ProduceConfig, _Run
+from xdpwatch.producer.pipeline import Pipeline, ProduceConfig
 from xdpwatch.producer.spool import Spool
 from xdpwatch.producer.records import CounterId
 
@@ -174,7 +175,7 @@ _SPOOLS = tempfile.TemporaryDirectory(prefix="xw-bench-spools-")  # removed when
 def spooled_exporter(bootstrap: str, prefix: str) -> KafkaExporter:
     """The exporter as `xdpwatch produce` sets it up: librdkafka's default queue, and a
     spool (in a temporary directory) that takes what overflows it."""
-    exporter = KafkaExporter(bootstrap, prefix, {})
+    exporter = KafkaExporter({"bootstrap.servers": bootstrap}, prefix)
     exporter.use_spool(Spool(Path(tempfile.mkdtemp(dir=_SPOOLS.name)), 1 << 30))
     return exporter
 
@@ -189,7 +190,7 @@ def pipeline_run(bootstrap: str, prefix: str, n: int, prefill: int = 0, profile:
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,  # no packet-counts records in the count
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
-    run = _Run(cfg, prog, exporter, None)
+    run = Pipeline(cfg, prog, exporter)
     if prefill:  # flows already in the table (their events are consumed before timing)
         inject(prog, prefill, start=10_000_000)
         while exporter.stats.delivered < prefill:
@@ -354,7 +355,7 @@ def loss_at_max_rate(bootstrap: str, n: int) -> dict:
     exporter.ensure_topics(3, 1)
     cfg = ProduceConfig(iface="bench", bpf=prog.cfg, interval_s=3600,
                         timeouts=FlowTimeouts(idle_ns=3600 * 10**9, active_ns=3600 * 10**9))
-    run = _Run(cfg, prog, exporter, None)
+    run = Pipeline(cfg, prog, exporter)
     injector = threading.Thread(target=inject, args=(prog, n))
     t0 = time.perf_counter()
     run.start()
@@ -396,17 +397,12 @@ def events_to_kafka(broker: Broker, quick: bool) -> dict:
 
 
 def read_back(bootstrap: str, topic: str, n: int) -> list[tuple[bytes, bytes]]:
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-read", "enable.auto.commit": False})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    out: list[tuple[bytes, bytes]] = []
-    deadline = time.monotonic() + 120
-    while len(out) < n and time.monotonic() < deadline:
-        out += [(m.key(), m.value()) for m in c.consume(10_000, 0.5) if m.error() is None]
-    c.close()
-    return out[:n]
+    """The first `n` (key, value) of `topic`, read to its end."""
+    reader = Reader({"bootstrap.servers": bootstrap}, "bench-read")
+    try:
+        return [(m.key(), m.value()) for m in reader.tail(topic)][:n]
+    finally:
+        reader.close()
 
 
 def produce_all(bootstrap: str, topic: str, messages, conf: dict | None = None, partitions: int = 3) -> None:
@@ -592,7 +588,7 @@ def archive_and_replay(broker: Broker, n: int) -> dict:
         arch_dir = Path(d) / "archive"
         arch = TimedArchiver(arch_dir, 64_000_000, 300)
         stop = threading.Event()
-        conf = consumer_conf(broker.bootstrap, "bench-archive", True, {"session.timeout.ms": "6000"})
+        conf = consumer_conf({"bootstrap.servers": broker.bootstrap, "session.timeout.ms": "6000"}, "bench-archive", True)
         run_loop(conf, [topic], arch, NullDeadLetter(), stop, idle_exit_s=2.0, stats=LoopStats())
         arch_s = arch.last - arch.first
 
@@ -852,7 +848,7 @@ def plot(scale: dict, path: Path) -> None:
 def control_history(n: int):
     """`n` commands an attacker could have written: blocks of distinct addresses (far more
     than the blocklist holds) with an unblock of the previous one every 4th command."""
-    at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    at = schemas.format_time(time.time())
     for i in range(n):
         action, addr = ("unblock", 0x64400000 + i - 1) if i % 4 == 3 else ("block", 0x64400000 + i)  # 100.64/10
         c = {"id": f"r-{i}", "action": action, "prefix": socket.inet_ntoa(struct.pack("!I", addr)),
@@ -882,13 +878,13 @@ def restore_child(bootstrap: str, topic: str) -> dict:
 
     from xdpwatch.producer.enforcement import Enforcer, Policy
     from xdpwatch.producer.events import EventShaper
-    from xdpwatch.producer.exporter import ControlReader
+    from xdpwatch.kafka.read import ControlReader
     from xdpwatch.producer.hostnet import host_protected
 
     logging.disable(logging.ERROR)  # one "blocking ..." line per restored block otherwise
     prog = XdpProgram(BpfConfig(enforce_mode="enforce"))
     loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # bcc and LLVM, before any command
-    reader = ControlReader(bootstrap, topic)
+    reader = ControlReader({"bootstrap.servers": bootstrap}, topic)
     t0 = time.perf_counter()
     read = sum(1 for _ in reader.catch_up())
     read_s = time.perf_counter() - t0
@@ -896,7 +892,7 @@ def restore_child(bootstrap: str, topic: str) -> dict:
     published = []
     enf = Enforcer(prog, "enforce", Policy(), lambda doc: published.append(len(doc)), EventShaper("bench0"))
     enf.protect(host_protected())
-    reader = ControlReader(bootstrap, topic)
+    reader = ControlReader({"bootstrap.servers": bootstrap}, topic)
     t0 = time.perf_counter()
     stats = enf.restore(reader.catch_up())
     restore_s = time.perf_counter() - t0
@@ -970,7 +966,7 @@ def spool_check(broker: Broker, quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="xw-bench-spool-") as d:
         Spool(Path(d), 1 << 30).prepend([("ssh-flows", k, v) for k, v in messages[m - n // 2:]])
         spool = Spool(Path(d), 1 << 30)  # as the next run opens it
-        exporter = KafkaExporter(broker.bootstrap, prefix, {})
+        exporter = KafkaExporter({"bootstrap.servers": broker.bootstrap}, prefix)
         t0 = time.perf_counter()
         exporter.use_spool(spool)
         check_s = time.perf_counter() - t0

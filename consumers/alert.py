@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import datetime as dt
 import hashlib
 import itertools
 import math
@@ -28,9 +27,10 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Callable
 
-from .. import schemas
-from .base import crash_point
-from .errors import ConsumerError
+from xdpwatch import schemas
+from xdpwatch.consumers.base import crash_point
+from xdpwatch.consumers.errors import ConsumerError
+from xdpwatch.schemas import format_time, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,6 @@ def load_rules(text: str, origin: str = "rules file") -> Rules:
     return Rules(**out)
 
 
-parse_time = schemas.timestamp_s
-
-
-def iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def alert_id(rule: str, subject: str, first_event_id: str) -> str:
     return hashlib.sha256(f"{rule}|{subject}|{first_event_id}".encode()).hexdigest()[:32]
 
@@ -191,15 +184,15 @@ def make_alert(rule: str, subject: str, message: str, first: tuple, last: tuple,
     newest event of the evidence, as the detector's state holds them; `at`: the event time of
     the event that completed it (its @timestamp; `last`'s unless that event came late)."""
     alert = {
-        "@timestamp": iso(last[0] if at is None else at),
+        "@timestamp": format_time(last[0] if at is None else at),
         "event": {"id": alert_id(rule, subject, first[1]), "kind": "alert", "module": "xdpwatch",
                   "dataset": "xdpwatch.alerts", "severity": SEVERITY[rule],
                   "category": ["intrusion_detection", "network"]},
         "rule": {"name": rule, "description": DESCRIPTIONS[rule]},
         "message": message,
         "observer": observer,
-        "xdpwatch": {"evidence": {"count": count, "window_s": window, "first_seen": iso(first[0]),
-                                  "last_seen": iso(last[0]), "first_event_id": first[1],
+        "xdpwatch": {"evidence": {"count": count, "window_s": window, "first_seen": format_time(first[0]),
+                                  "last_seen": format_time(last[0]), "first_event_id": first[1],
                                   "last_event_id": last[1], **extra}},
     }
     if source_ip is not None:
@@ -520,7 +513,8 @@ class AlertSink:
         self.count = 0
         self._kafka = self._file = None
         if output == "kafka":
-            from .base import AckedProducer, ensure_topics
+            from xdpwatch.kafka.admin import ensure_topics
+            from xdpwatch.kafka.produce import AckedProducer
 
             ensure_topics(kafka_conf, [topic])
             self._kafka = AckedProducer(kafka_conf, topic, "an alert")
@@ -529,7 +523,7 @@ class AlertSink:
 
             self._file, self._fsync = sys.stdout.buffer, False
         else:
-            from .base import append_private
+            from xdpwatch.consumers.base import append_private
 
             self._file, self._fsync = append_private(output, "alert output"), True
 
@@ -561,7 +555,7 @@ class AlertHandler:
     observer), alerts to `sink`, and each alert handed on to `on_alert` (e.g.
     consumers.control.BlockOnAlert) once published.
 
-    Exactly once across restarts, kills and rebalances (with `history`, a history.Reader):
+    Exactly once across restarts, kills and rebalances (with `history`, an xdpwatch.kafka.read.Reader):
     when the group gives it a partition that has a committed offset C, it first rebuilds that
     partition's state as the last owner had it, by feeding the events of the longest window
     (and the baseline's history) before C to a fresh detector without alerting; then reads
@@ -653,8 +647,8 @@ class AlertHandler:
         tails, from the horizon before the earliest of those (the whole alerts topic when a
         partition is read again from its beginning: any alert may come again). Returns how
         many events were fed."""
-        from .base import decode
-        from .history import MARGIN_S
+        from xdpwatch.consumers.base import decode
+        from xdpwatch.kafka.read import MARGIN_S
 
         h = self.history
         readback = self.alerts_topic is not None

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import orjson
 
-from .base import crash_point
-from .errors import ConsumerError
+from xdpwatch.consumers.base import crash_point
+from xdpwatch.consumers.errors import ConsumerError
 
 log = logging.getLogger(__name__)
 

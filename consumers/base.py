@@ -6,9 +6,10 @@
 - A message that is not JSON or breaks its topic's schema is a poison message: it goes to
   the dead-letter sink with the reason and the original bytes, its offset is stored, and
   the loop goes on. Nothing crashes, nothing is dropped silently. So does a message whose
-  handling raised anything but a ConsumerError (reason `handler-error: Type: message`): one
-  message cannot stop a consumer. A ConsumerError is the handler's infrastructure failing
-  (an output it cannot write): it stops the loop, and nothing past it is committed.
+  handling raised anything but an XdpwatchError (reason `handler-error: Type: message`): one
+  message cannot stop a consumer. An XdpwatchError (a ConsumerError, the Kafka wing's
+  BrokerError) is the handler's infrastructure failing (an output it cannot write): it stops
+  the loop, and nothing past it is committed.
 - SIGINT/SIGTERM set `stop`; the loop finishes the batch in hand, closes the handler,
   commits, and returns.
 - A handler that makes its own side effects durable in batches (the archiver) sets
@@ -30,8 +31,12 @@ from typing import Protocol
 
 import orjson
 
-from .. import schemas
-from .errors import ConsumerError
+from xdpwatch import schemas
+from xdpwatch.consumers.errors import ConsumerError
+from xdpwatch.errors import XdpwatchError
+from xdpwatch.kafka.admin import reach
+from xdpwatch.kafka.config import client
+from xdpwatch.kafka.produce import AckedProducer
 
 log = logging.getLogger(__name__)
 
@@ -134,31 +139,6 @@ class FileDeadLetter:
         self._f.close()
 
 
-class AckedProducer:
-    """An idempotent producer to one topic whose `send` returns only once the broker has
-    acknowledged the message (or raises ConsumerError naming `what` was being written):
-    for side effects that must be durable before a consumer moves its offset on."""
-
-    def __init__(self, conf: dict, topic: str, what: str):
-        from confluent_kafka import KafkaException, Producer
-
-        self.topic, self._what = topic, what
-        try:
-            self._p = Producer({**conf, "enable.idempotence": True, "acks": "all"})
-        except KafkaException as e:
-            raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
-
-    def send(self, value: bytes, key: bytes | None = None, headers: list | None = None) -> None:
-        errors = []
-        self._p.produce(self.topic, value, key, headers=headers, on_delivery=lambda err, _m: err and errors.append(err))
-        if self._p.flush(30) or errors:
-            raise ConsumerError(f"cannot write {self._what} to {self.topic}: "
-                                f"{errors[0].str() if errors else 'timed out after 30s'}")
-
-    def close(self) -> None:
-        self._p.flush(30)
-
-
 class KafkaDeadLetter:
     """Dead letters to a Kafka topic; each put waits for the broker's acknowledgement."""
 
@@ -170,47 +150,6 @@ class KafkaDeadLetter:
 
     def close(self) -> None:
         self._out.close()
-
-
-def _unreachable(client, conf: dict, timeout: float, exc, errors) -> ConsumerError:
-    """Why Kafka could not be reached, in librdkafka's own words where it said more than
-    'transport failure' (a refused TLS certificate, a failed SASL login...)."""
-    from confluent_kafka import KafkaError
-
-    client.poll(0)  # serves the error callbacks queued meanwhile
-    cause = next((e.str() for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN), exc.args[0].str())
-    return ConsumerError(f"cannot reach Kafka at {conf['bootstrap.servers']} within {timeout:.0f}s ({cause}); "
-                         "check --bootstrap-servers, that the broker is up, and the TLS/SASL settings (-X)")
-
-
-def ensure_topics(conf: dict, topics: list[str], partitions: int = 3, replication: int = 1,
-                  timeout: float = 15.0) -> None:
-    """Fail fast when Kafka is unreachable; create the topics a consumer writes to if missing."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    errors: collections.deque = collections.deque(maxlen=20)
-    try:
-        admin = AdminClient({**conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
-    except KafkaException as e:
-        raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
-    try:
-        existing = admin.list_topics(timeout=timeout).topics
-    except KafkaException as e:
-        raise _unreachable(admin, conf, timeout, e, errors) from None
-    missing = [t for t in topics if t not in existing]
-    if not missing:
-        return
-    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=replication)
-                                   for t in missing], request_timeout=timeout)
-    for t, fut in futures.items():
-        try:
-            fut.result()
-            log.info("created topic %s (%d partitions)", t, partitions)
-        except KafkaException as e:
-            if e.args[0].name() != "TOPIC_ALREADY_EXISTS":
-                raise ConsumerError(f"topic {t} does not exist and creating it failed ({e.args[0].str()}); "
-                                    "create it yourself") from None
 
 
 @dataclass
@@ -257,9 +196,10 @@ class ConsumerMetrics:
                 yield c
 
 
-def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: dict[str, str]) -> dict:
+def consumer_conf(client: dict, group_id: str, from_beginning: bool) -> dict:
+    """The loop's consumer settings over the client settings (bootstrap.servers, -X ...),
+    which may change any of them."""
     return {
-        "bootstrap.servers": bootstrap,
         "group.id": group_id,
         "enable.auto.offset.store": False,
         "enable.auto.commit": True,
@@ -270,27 +210,21 @@ def consumer_conf(bootstrap: str, group_id: str, from_beginning: bool, extra: di
         # a full queue is refilled after 20 ms, not 1 s (which starved a slow handler).
         "queued.max.messages.kbytes": 16384,
         "fetch.queue.backoff.ms": 20,
-        **extra,
+        **client,
     }
 
 
 def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadLetterSink,
              stop: threading.Event, idle_exit_s: float | None = None, stats: LoopStats | None = None) -> LoopStats:
     """Consume `topics` until `stop` (or `idle_exit_s` without a message, for batch use)."""
-    from confluent_kafka import Consumer, KafkaError, KafkaException
+    from confluent_kafka import Consumer, KafkaError
 
     stats = stats if stats is not None else LoopStats()
     owner = getattr(handler, "owns_offsets", False)
     errors: collections.deque = collections.deque(maxlen=20)
+    consumer = client(Consumer, conf, errors)
     try:
-        consumer = Consumer({**conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
-    except KafkaException as e:
-        raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
-    try:
-        try:
-            consumer.list_topics(timeout=15)
-        except KafkaException as e:
-            raise _unreachable(consumer, conf, 15, e, errors) from None
+        reach(consumer, conf, errors)
         if owner:
             def on_assign(c, partitions):
                 committed = {(p.topic, p.partition): p.offset for p in c.committed(partitions, timeout=15)
@@ -340,7 +274,7 @@ def run_loop(conf: dict, topics: list[str], handler: Handler, dead_letter: DeadL
                     try:
                         handler.handle(ev)
                         stats.handled += 1
-                    except ConsumerError:
+                    except XdpwatchError:
                         raise  # infrastructure (an output that cannot be written): stop, commit nothing past
                     except Exception as e:  # this message broke the handler: it alone is set aside
                         reason = _short(f"handler-error: {type(e).__name__}: {e}")

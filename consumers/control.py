@@ -17,10 +17,13 @@ from typing import Callable
 
 import orjson
 
-from .. import schemas
-from .alert import alert_id as _alert_id
-from .base import crash_point
-from .errors import ConsumerError
+from xdpwatch import schemas
+from xdpwatch.consumers.alert import alert_id as _alert_id
+from xdpwatch.consumers.base import crash_point
+from xdpwatch.consumers.errors import ConsumerError
+from xdpwatch.kafka.admin import ensure_topics
+from xdpwatch.kafka.produce import AckedProducer
+from xdpwatch.kafka.read import Reader
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +51,11 @@ def command(action: str, prefix: str, issued_by: str, ttl_s: int | None = None, 
     """A control document, checked against the schema (the producer checks it again).
     `command_id` defaults to a random UUID; `now` (POSIX seconds, default the wall clock)
     is its @timestamp, from which a block's TTL counts."""
-    from datetime import datetime, timezone
-
     cmd = {"id": command_id or str(uuid.uuid4()), "action": action, "prefix": prefix, "issued_by": issued_by}
     for k, v in (("ttl_s", ttl_s), ("reason", reason), ("alert_id", alert_id)):
         if v is not None:
             cmd[k] = v
-    stamp = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
-    doc = {"@timestamp": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"), "command": cmd}
+    doc = {"@timestamp": schemas.format_time(time.time() if now is None else now), "command": cmd}
     errs = schemas.errors("control", doc)
     if errs:
         raise ConsumerError(f"invalid {action} command: {errs[0]}")
@@ -66,9 +66,7 @@ class CommandSender:
     """Produces commands to the control topic, each acknowledged before `send` returns."""
 
     def __init__(self, kafka_conf: dict, topic: str):
-        from .base import AckedProducer, ensure_topics
-
-        ensure_topics(kafka_conf, [topic], partitions=1)  # one partition: one order for every command
+        ensure_topics(kafka_conf, [], single_partition=(topic,))  # one order for every command
         self._out = AckedProducer(kafka_conf, topic, "a command")
 
     def send(self, doc: dict) -> None:
@@ -77,46 +75,28 @@ class CommandSender:
         log.info("sent %s %s (command %s) to %s", cmd["action"], cmd["prefix"], cmd["id"], self._out.topic)
 
 
-def active_blocks(kafka_conf: dict, topic: str, now: float | None = None, timeout: float = 10.0) -> list[dict]:
-    """The blocks in place now, per producer: the enforcement topic read from its beginning,
-    each (observer, prefix) folded to its last word. Newest first."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-
+def active_blocks(kafka_conf: dict, topic: str, now: float | None = None, stall_timeout: float = 10.0) -> list[dict]:
+    """The blocks in place now, per producer: the enforcement topic read from its beginning to
+    its end, each (observer, prefix) folded to its last word. Newest first."""
     now = time.time() if now is None else now
+    reader = Reader(kafka_conf, "blocks", stall_timeout)
+    state = {}
     try:
-        c = Consumer({**kafka_conf, "group.id": f"xdpwatch-blocks-{uuid.uuid4()}", "enable.auto.commit": False,
-                      "enable.partition.eof": True})
-    except KafkaException as e:
-        raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
-    try:
-        try:
-            meta = c.list_topics(topic, timeout=timeout).topics[topic]
-        except KafkaException as e:
-            raise ConsumerError(f"cannot reach Kafka at {kafka_conf['bootstrap.servers']} ({e.args[0].str()})") from None
-        if meta.error is not None:
-            return []  # no producer has enforced anything yet
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-        pending, state = set(meta.partitions), {}
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for m in c.consume(1000, 0.5):
-                if m.error():
-                    pending.discard(m.partition())  # _PARTITION_EOF: read to the end
-                    continue
-                try:
-                    doc = orjson.loads(m.value())
-                    e = doc["xdpwatch"]["enforcement"]
-                    key = (doc["observer"]["hostname"], e["prefix"])
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    continue
-                if doc["event"]["action"] == "block_applied":
-                    state[key] = doc
-                elif doc["event"]["action"] in ("block_removed", "block_expired"):
-                    state.pop(key, None)
-        out = [d for d in state.values() if schemas.timestamp_s(d["xdpwatch"]["enforcement"]["expires"]) > now]
-        return sorted(out, key=lambda d: d["@timestamp"], reverse=True)
+        for m in reader.tail(topic):  # no topic: no producer has enforced anything yet
+            try:
+                doc = orjson.loads(m.value())
+                e = doc["xdpwatch"]["enforcement"]
+                key = (doc["observer"]["hostname"], e["prefix"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            if doc["event"]["action"] == "block_applied":
+                state[key] = doc
+            elif doc["event"]["action"] in ("block_removed", "block_expired"):
+                state.pop(key, None)
     finally:
-        c.close()
+        reader.close()
+    out = [d for d in state.values() if schemas.parse_time(d["xdpwatch"]["enforcement"]["expires"]) > now]
+    return sorted(out, key=lambda d: d["@timestamp"], reverse=True)
 
 
 # What `alert --block-on` accepts: rules whose evidence a spoofer cannot forge (each counts
@@ -184,7 +164,7 @@ class BlockBudget:
         except ValueError:
             return  # no producer applies it either
         if cmd["action"] == "block" and cmd["issued_by"].startswith(AUTOMATIC):
-            issued = schemas.timestamp_s(doc["@timestamp"])
+            issued = schemas.parse_time(doc["@timestamp"])
             self._issued.append(issued)
             self._active[net] = issued + cmd["ttl_s"]
         else:

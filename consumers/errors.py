@@ -1,8 +1,11 @@
-"""Errors of the consumers: one line for the user, an exit code. Never printed here."""
+"""Errors of the consumers: one line for the user, an exit code. Never printed here.
+Their root is xdpwatch/errors.py, whose BrokerError is the Kafka wing's."""
+
+from xdpwatch.errors import XdpwatchError
 
 
-class ConsumerError(Exception):
-    exit_code = 1
+class ConsumerError(XdpwatchError):
+    """The consumer cannot go on: a file it cannot write, rules it cannot read, ..."""
 
 
 class UndeliveredError(ConsumerError):

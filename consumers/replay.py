@@ -11,7 +11,6 @@ confined to the archive directory.
 
 from __future__ import annotations
 
-import datetime as dt
 import heapq
 import ipaddress
 import logging
@@ -23,26 +22,26 @@ from typing import Callable, Iterator
 
 import orjson
 
-from .. import schemas
-from .archive import LOCK_NAME, Segment
-from .base import MAX_MESSAGE_BYTES
-from .errors import ConsumerError
+from xdpwatch import schemas
+from xdpwatch.consumers.archive import LOCK_NAME, Segment
+from xdpwatch.consumers.base import MAX_MESSAGE_BYTES
+from xdpwatch.consumers.errors import ConsumerError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Filters:
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None          # exclusive
+    since: float | None = None                # POSIX seconds (schemas.parse_time)
+    until: float | None = None                # exclusive
     source_nets: list = field(default_factory=list)   # ip_network; empty = any
     actions: set[str] = field(default_factory=set)    # empty = any
     streams: set[str] = field(default_factory=set)    # empty = all
 
-    def match(self, stream: str, doc: dict, ts: dt.datetime) -> bool:
+    def match(self, stream: str, doc: dict, ts: float) -> bool:
         if self.streams and stream not in self.streams:
             return False
-        if self.since and ts < self.since or self.until and ts >= self.until:
+        if self.since is not None and ts < self.since or self.until is not None and ts >= self.until:
             return False
         if self.actions and doc.get("event", {}).get("action") not in self.actions:
             return False
@@ -51,15 +50,6 @@ class Filters:
             if ip is None or not any(ipaddress.ip_address(ip) in n for n in self.source_nets):
                 return False
         return True
-
-
-def parse_time(text: str) -> dt.datetime:
-    """ISO 8601 (`2026-11-25T10:00:00Z`, a date, or with an offset); naive means UTC."""
-    try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-25T10:00:00Z)") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 @dataclass
@@ -173,7 +163,7 @@ def zstd_lines(f, max_line: int = MAX_MESSAGE_BYTES) -> Iterator[bytes | Oversiz
         raise TruncatedFrame("the last zstd frame is incomplete")
 
 
-def read_segment(seg: Segment, stats: ReplayStats) -> Iterator[tuple[dt.datetime, str, dict, bytes]]:
+def read_segment(seg: Segment, stats: ReplayStats) -> Iterator[tuple[float, str, dict, bytes]]:
     """(timestamp, stream, document, line) of every valid line of one segment."""
     import zstandard
 
@@ -200,7 +190,7 @@ def read_segment(seg: Segment, stats: ReplayStats) -> Iterator[tuple[dt.datetime
                     errs = schemas.errors(stream, doc) or ["(rejected by the compiled validator)"]
                     stats.problem(f"{where}: skipped, breaks the {stream} schema ({errs[0]})")
                     continue
-                yield parse_time(doc["@timestamp"]), stream, doc, line.rstrip(b"\n")
+                yield schemas.parse_time(doc["@timestamp"]), stream, doc, line.rstrip(b"\n")
     except (zstandard.ZstdError, TruncatedFrame) as e:
         stats.problem(f"{seg.path.name}: compressed data truncated or corrupt after line {n} ({e}); "
                       "rest of the file skipped", bad_file=True)
@@ -208,7 +198,7 @@ def read_segment(seg: Segment, stats: ReplayStats) -> Iterator[tuple[dt.datetime
         stats.problem(f"{seg.path.name}: cannot read ({e.strerror}); skipped", bad_file=True)
 
 
-def ordered(segments: list[Segment], stats: ReplayStats) -> Iterator[tuple[dt.datetime, str, dict, bytes]]:
+def ordered(segments: list[Segment], stats: ReplayStats) -> Iterator[tuple[float, str, dict, bytes]]:
     """All lines, each partition in offset order, partitions merged by timestamp."""
     by_partition: dict[tuple[str, int], list[Segment]] = {}
     for s in segments:
@@ -232,7 +222,7 @@ def replay(segments: list[Segment], filters: Filters, emit: Callable[[str, dict,
         if speed > 0:
             if first_ts is None:
                 first_ts, started = ts, clock()
-            delay = (ts - first_ts).total_seconds() / speed - (clock() - started)
+            delay = (ts - first_ts) / speed - (clock() - started)
             if delay > 0:
                 sleep(delay)
         emit(stream, doc, line)
@@ -255,19 +245,17 @@ class KafkaSink:
     """To `<prefix>.<stream>`, keyed and with headers as the producer does; idempotent."""
 
     def __init__(self, conf: dict, prefix: str, streams: list[str]):
-        from confluent_kafka import KafkaException, Producer
+        from confluent_kafka import Producer
 
-        from .base import ensure_topics
+        from xdpwatch.kafka.admin import ensure_topics
+        from xdpwatch.kafka.config import client
+        from xdpwatch.kafka.produce import STREAMING
 
         ensure_topics(conf, [schemas.topic(prefix, s) for s in streams])
         self.prefix = prefix
         self.failed = 0
         self._errors: list[str] = []
-        try:
-            self._p = Producer({**conf, "enable.idempotence": True, "acks": "all",
-                                "compression.type": "zstd", "linger.ms": 20})
-        except KafkaException as e:
-            raise ConsumerError(f"invalid Kafka setting: {e.args[0].str()}") from None
+        self._p = client(Producer, {**conf, **STREAMING})
 
     def _delivered(self, err, _msg) -> None:
         if err is not None:

@@ -30,9 +30,8 @@ from typing import Callable, Iterable
 
 import orjson
 
-from .. import schemas
-from .events import iso
-from .hostnet import Protected
+from xdpwatch import schemas
+from xdpwatch.producer.hostnet import Protected
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +246,7 @@ class Enforcer:
         except ValueError as e:
             raise Rejected(str(e), cmd) from None
         try:
-            issued = schemas.timestamp_s(doc["@timestamp"])
+            issued = schemas.parse_time(doc["@timestamp"])
         except (ValueError, OverflowError) as e:
             raise Rejected(f"@timestamp {doc['@timestamp']!r} is not a usable date ({e})", cmd) from None
         if issued > now + MAX_FUTURE_S:
@@ -338,7 +337,7 @@ class Enforcer:
         elif isinstance(cmd.get("prefix"), str):
             e["prefix"] = cmd["prefix"][:64]
         if expires is not None:
-            e["expires"] = _iso(expires)
+            e["expires"] = schemas.format_time(expires)
         for src, dst in (("id", "command_id"), ("alert_id", "alert_id"), ("issued_by", "issued_by")):
             if isinstance(cmd.get(src), str):
                 e[dst] = cmd[src][:MAX_ECHOED]
@@ -349,7 +348,3 @@ class Enforcer:
         if reason is None and isinstance(cmd.get("reason"), str):
             reason = cmd["reason"][:1024]
         return self.shaper.enforcement(action, e, reason)
-
-
-def _iso(epoch_s: float) -> str:
-    return iso(int(epoch_s * 1e9))

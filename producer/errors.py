@@ -1,9 +1,8 @@
-"""Typed errors of the producer. Each message says what went wrong and what to do; the CLI
-prints it as one line and exits with `exit_code`. The library never prints or exits."""
+"""Typed errors of the producer (xdpwatch/errors.py is their root; its BrokerError is the
+Kafka wing's). Each message says what went wrong and what to do; the CLI prints it as one
+line and exits with `exit_code`. The library never prints or exits."""
 
-
-class XdpwatchError(Exception):
-    exit_code = 1
+from xdpwatch.errors import XdpwatchError
 
 
 class ConfigError(XdpwatchError):
@@ -24,10 +23,6 @@ class BpfError(XdpwatchError):
 
 class AttachError(XdpwatchError):
     """Attaching to the interface failed (including: a program we do not own is there)."""
-
-
-class BrokerError(XdpwatchError):
-    """Kafka is unreachable, or topics cannot be created or used."""
 
 
 class DeliveryError(XdpwatchError):

@@ -6,16 +6,16 @@ Pure functions of their inputs plus a Clock, so they are unit-tested without a k
 from __future__ import annotations
 
 import binascii
-import datetime as dt
 import hashlib
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
 
-from .flows import FlowReport
-from .records import DIR_TO_CLIENT, DIR_TO_SERVER, HANDSHAKE_NAMES, CounterId, FlowKey, tcp_flag_names
-from .ssh import login_outcome, ssh_identification
+from xdpwatch.producer.flows import FlowReport
+from xdpwatch.schemas import format_time_ns
+from xdpwatch.producer.records import DIR_TO_CLIENT, DIR_TO_SERVER, HANDSHAKE_NAMES, CounterId, FlowKey, tcp_flag_names
+from xdpwatch.producer.ssh import login_outcome, ssh_identification
 
 # Counter ids that are packet classes, with their JSON names.
 CLASSES = {
@@ -59,21 +59,6 @@ class Clock:
 
     def wall_ns(self, mono_ns: int) -> int:
         return mono_ns + self._offset
-
-
-_ISO_SECONDS: dict[int, str] = {}
-
-
-def iso(wall_ns: int) -> str:
-    """ISO 8601 UTC with microseconds, e.g. 2026-11-24T10:00:00.123456Z. The formatted
-    second is cached: events come in bursts within the same few seconds."""
-    secs, ns = divmod(wall_ns, 10**9)
-    prefix = _ISO_SECONDS.get(secs)
-    if prefix is None:
-        if len(_ISO_SECONDS) > 4096:
-            _ISO_SECONDS.clear()
-        prefix = _ISO_SECONDS[secs] = dt.datetime.fromtimestamp(secs, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
-    return f"{prefix}{ns // 1000:06d}Z"
 
 
 def boot_id() -> str:
@@ -120,7 +105,7 @@ class EventShaper:
     def packet_counts(self, start_wall_ns: int, end_wall_ns: int, delta: list[tuple[int, int]],
                       evicted: int, active: int, final: bool = False) -> dict:
         """One interval's document from per-counter (packets, bytes) deltas."""
-        interval = {"start": iso(start_wall_ns), "end": iso(end_wall_ns),
+        interval = {"start": format_time_ns(start_wall_ns), "end": format_time_ns(end_wall_ns),
                     "duration_ms": round((end_wall_ns - start_wall_ns) / 1e6, 3)}
         if final:
             interval["final"] = True
@@ -148,7 +133,7 @@ class EventShaper:
                  "category": ["network"], "type": ENFORCEMENT_TYPES[action], "action": action}
         if reason:
             event["reason"] = reason
-        return {"@timestamp": iso(time.time_ns()), "event": event, "observer": self._observer,
+        return {"@timestamp": format_time_ns(time.time_ns()), "event": event, "observer": self._observer,
                 "xdpwatch": {"enforcement": fields}}
 
     def flow(self, r: FlowReport) -> dict:
@@ -163,8 +148,8 @@ class EventShaper:
                   "packets": packets - to_client_packets, "bytes": nbytes - to_client_bytes}
         server = {"ip": server_ip, "port": k.server_port,
                   "packets": to_client_packets, "bytes": to_client_bytes}
-        start = iso(self.clock.wall_ns(first_ns))
-        end = start if last_ns == first_ns else iso(self.clock.wall_ns(last_ns))
+        start = format_time_ns(self.clock.wall_ns(first_ns))
+        end = start if last_ns == first_ns else format_time_ns(self.clock.wall_ns(last_ns))
         event = {
             "id": self._next_id(), "kind": "event", "module": "xdpwatch", "dataset": "xdpwatch.ssh_flows",
             "category": ["network"], "type": EVENT_TYPES[r.action], "action": r.action,

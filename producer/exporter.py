@@ -1,31 +1,31 @@
 """Where events leave the producer. An Exporter takes (stream, key, JSON bytes).
 
 KafkaExporter is the real one (confluent-kafka: idempotent, acks=all, zstd, delivery
-reports counted, overflow to an on-disk Spool while Kafka is away); StdoutExporter prints
-JSON lines for a quick look without Kafka.
+reports counted, overflow to an on-disk Spool while Kafka is away; the Kafka wing,
+xdpwatch.kafka, makes its clients, topics and read backs); StdoutExporter prints JSON lines
+for a quick look without Kafka.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
-from .. import schemas
-from .errors import BrokerError, ConfigError
-from .spool import Spool
+from xdpwatch import schemas
+from xdpwatch.kafka import admin
+from xdpwatch.kafka.config import client
+from xdpwatch.kafka.produce import STREAMING
+from xdpwatch.kafka.read import MARGIN_S, read_back_ids
+from xdpwatch.producer.spool import Spool
 
 log = logging.getLogger(__name__)
 
 # Settings the producer relies on; -X may override anything else (TLS, SASL, tuning).
 KAFKA_DEFAULTS = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "compression.type": "zstd",
-    "linger.ms": 20,
+    **STREAMING,
     "message.timeout.ms": 300_000,
     # Only failures call back into Python; successes are counted from the queue length
     # (produced - failed - still in flight), which saves a callback per event.
@@ -64,14 +64,16 @@ class KafkaExporter:
     # without it a burst fills the local queue (and the spool) while the broker keeps up.
     POLL_EVERY = 1000
 
-    def __init__(self, bootstrap: str, topic_prefix: str, extra: dict[str, str] | None = None,
-                 client_id: str = "xdpwatch-producer", streams: tuple[str, ...] = ("packet-counts", "ssh-flows")):
-        from confluent_kafka import KafkaError, KafkaException, Producer
+    def __init__(self, conf: dict, topic_prefix: str, client_id: str = "xdpwatch-producer",
+                 streams: tuple[str, ...] = ("packet-counts", "ssh-flows")):
+        """`conf`: the client settings (bootstrap.servers, and -X ... over KAFKA_DEFAULTS)."""
+        from confluent_kafka import KafkaError, Producer
 
         self.topics = {s: schemas.topic(topic_prefix, s) for s in streams}
         self._stream_of = {t: s for s, t in self.topics.items()}
         self._headers = {s: schemas.headers(s) for s in self.topics}
-        self.conf = {"bootstrap.servers": bootstrap, "client.id": client_id, **KAFKA_DEFAULTS, **(extra or {})}
+        self.settings = conf  # what its other clients (admin, read back) use
+        self.conf = {"client.id": client_id, **KAFKA_DEFAULTS, **conf}
         self.stats = DeliveryStats()
         self.spool: Spool | None = None
         self._returned: list | None = None  # collects purged events at shutdown
@@ -79,10 +81,7 @@ class KafkaExporter:
         self._purged_codes = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
         self._unpolled = 0  # produces since the last poll
         self._in_kafka: set[str] = set()  # ids of spooled events found in Kafka at start
-        try:
-            self._producer = Producer(self.conf, logger=logging.getLogger("librdkafka"))
-        except KafkaException as e:
-            raise ConfigError(f"invalid Kafka setting: {e.args[0].str()}") from None
+        self._producer = client(Producer, self.conf)
 
     def use_spool(self, spool: Spool) -> None:
         """Overflow to `spool` from now on; what an earlier run left there is sent first,
@@ -104,54 +103,22 @@ class KafkaExporter:
             try:
                 doc = orjson.loads(value)
                 wanted.add(doc["event"]["id"])
-                since = min(since, schemas.timestamp_s(doc["@timestamp"]))
+                since = min(since, schemas.parse_time(doc["@timestamp"]))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # sent as it is: what cannot be read cannot be matched
         if not wanted:
             return set()
         started = time.monotonic()
         topics = sorted({self.topics[s] for s, _, _ in records if s in self.topics})
-        found = read_back_ids(self.conf, topics, wanted, since - READ_BACK_MARGIN_S)
+        found = read_back_ids(self.settings, topics, wanted, since - MARGIN_S)
         log.info("spool: %d of the %d events an earlier run had handed to Kafka without an answer are in Kafka "
                  "already: not sent again (checked in %.1fs)", len(found), len(wanted), time.monotonic() - started)
         return found
 
     def ensure_topics(self, partitions: int, replication: int, timeout: float = 15.0,
                       single_partition: tuple[str, ...] = ()) -> None:
-        """Fail fast when the broker is unreachable; create missing topics (those in
-        `single_partition` with one partition: one order for all their messages)."""
-        from confluent_kafka import KafkaError, KafkaException
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        admin_conf = {k: v for k, v in self.conf.items() if k not in KAFKA_DEFAULTS and k != "client.id"}
-        errors: collections.deque = collections.deque(maxlen=20)
-        admin = AdminClient({**admin_conf, "error_cb": errors.append}, logger=logging.getLogger("librdkafka"))
-        bootstrap = self.conf["bootstrap.servers"]
-        try:
-            existing = admin.list_topics(timeout=timeout).topics
-        except KafkaException as e:
-            # librdkafka's own reason where it said more than "transport failure" (a
-            # refused TLS certificate, a failed SASL login...); poll serves its callbacks.
-            admin.poll(0)
-            cause = next((x.str() for x in errors if x.code() != KafkaError._ALL_BROKERS_DOWN), e.args[0].str())
-            raise BrokerError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s ({cause}); "
-                              "check --bootstrap-servers, that the broker is up, and the TLS/SASL settings (-X)") from None
-        missing = [t for t in (*self.topics.values(), *single_partition) if t not in existing]
-        if not missing:
-            return
-        futures = admin.create_topics(
-            [NewTopic(t, num_partitions=1 if t in single_partition else partitions, replication_factor=replication)
-             for t in missing], request_timeout=timeout)
-        for topic, fut in futures.items():
-            try:
-                fut.result()
-                log.info("created topic %s (%d partitions)", topic, partitions)
-            except KafkaException as e:
-                err = e.args[0]
-                if err.name() == "TOPIC_ALREADY_EXISTS":
-                    continue
-                raise BrokerError(f"topic {topic} does not exist and creating it failed ({err.str()}); "
-                                  "create it yourself or let xdpwatch's user create topics") from None
+        """Fail fast when the broker is unreachable; create missing topics (admin.ensure_topics)."""
+        admin.ensure_topics(self.settings, list(self.topics.values()), partitions, replication, timeout, single_partition)
 
     def _on_delivery(self, err, msg) -> None:
         if err is None:  # only with delivery.report.only.error overridden by -X
@@ -218,8 +185,8 @@ class KafkaExporter:
             if record[0] not in self.topics:  # not written by this program
                 log.error("spool %s: skipped a record of unknown stream %r", spool.dir, record[0])
                 self.stats.dropped += 1
-            elif self._in_kafka and _event_id(record[2]) in self._in_kafka:
-                self._in_kafka.discard(_event_id(record[2]))
+            elif self._in_kafka and schemas.event_id(record[2]) in self._in_kafka:
+                self._in_kafka.discard(schemas.event_id(record[2]))
                 self.stats.already_in_kafka += 1
             elif not self._produce(*record):
                 break
@@ -272,94 +239,6 @@ class KafkaExporter:
         return self.stats
 
 
-# Hosts' clocks may differ, and a record's timestamp is when it was produced: reading back
-# starts this much before the oldest event.
-READ_BACK_MARGIN_S = 60.0
-
-
-def _event_id(value: bytes) -> str | None:
-    import orjson
-
-    try:
-        return orjson.loads(value)["event"]["id"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def read_back_ids(conf: dict, topics: list[str], wanted: set[str], since_s: float,
-                  stall_timeout: float = 30.0) -> set[str]:
-    """The ids of `wanted` that are the event.id of a message of `topics` produced at
-    `since_s` or later: every partition read from there (a time lookup, checked: a broker
-    that does not index by time is read from the beginning) to its end (the fetch's
-    end-of-partition, never a ListOffsets answer: the test broker's is too low)."""
-    import os
-
-    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-
-    client = {k: v for k, v in conf.items() if k not in KAFKA_DEFAULTS and k not in ("client.id", "error_cb")}
-    c = Consumer({**client, "group.id": f"xdpwatch-spool-check-{os.getpid()}", "enable.auto.commit": False,
-                  "enable.partition.eof": True, "fetch.wait.max.ms": 50}, logger=logging.getLogger("librdkafka"))
-    prefixes = {i.rsplit("-", 1)[0].encode() for i in wanted}  # one per producer run: a cheap first filter
-    found: set[str] = set()
-    try:
-        try:
-            meta = c.list_topics(timeout=15).topics
-            tps = [TopicPartition(t, p, int(since_s * 1000)) for t in topics if t in meta
-                   for p in meta[t].partitions]
-            starts = c.offsets_for_times(tps, timeout=15) if tps else []
-        except KafkaException as e:
-            raise BrokerError(f"cannot read back {', '.join(topics)} to check the spool: {e.args[0].str()}") from None
-        starts = _checked(c, starts, since_s * 1000, stall_timeout)
-        c.assign(starts)
-        behind = {(tp.topic, tp.partition) for tp in starts}
-        last_progress = time.monotonic()
-        while behind:
-            for m in c.consume(1000, 0.2):
-                key = (m.topic(), m.partition())
-                err = m.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        behind.discard(key)
-                        last_progress = time.monotonic()
-                    continue
-                last_progress = time.monotonic()
-                value = m.value()
-                if value and any(p in value for p in prefixes):
-                    eid = _event_id(value)
-                    if eid in wanted:
-                        found.add(eid)
-            if behind and time.monotonic() - last_progress > stall_timeout:
-                raise BrokerError(f"reading back {', '.join(topics)} to check the spool stalled for {stall_timeout:.0f}s; "
-                                  "is the broker up?")
-    finally:
-        c.close()
-    return found
-
-
-def _checked(c, starts: list, since_ms: float, timeout: float) -> list:
-    """`starts` from a time lookup, each kept only if the message before it is older than
-    asked (a broker that does not index by time answers anything: Tansu 0.6 does), else the
-    partition's beginning."""
-    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
-
-    probes = [TopicPartition(tp.topic, tp.partition, tp.offset - 1) for tp in starts
-              if tp.error is None and tp.offset > 0]
-    trusted = set()
-    if probes:
-        c.assign(probes)
-        pending, deadline = {(p.topic, p.partition) for p in probes}, time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for m in c.consume(100, 0.2):
-                key = (m.topic(), m.partition())
-                if key in pending and (m.error() is None or m.error().code() == KafkaError._PARTITION_EOF):
-                    pending.discard(key)
-                    if m.error() is None and m.timestamp()[1] < since_ms:
-                        trusted.add(key)
-        c.unassign()
-    return [tp if (tp.topic, tp.partition) in trusted else TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)
-            for tp in starts]
-
-
 class StdoutExporter:
     """One JSON object per line on stdout (`--output stdout`)."""
 
@@ -378,64 +257,3 @@ class StdoutExporter:
     def close(self, timeout: float) -> DeliveryStats:
         self._out.flush()
         return self.stats
-
-
-class ControlReader:
-    """The control topic (block/unblock commands), every partition from its beginning: each
-    start replays every command, which rebuilds the blocks still within their TTL. No
-    consumer group offsets; served without blocking from the run loop."""
-
-    def __init__(self, bootstrap: str, topic: str, extra: dict[str, str] | None = None):
-        import os
-        import socket
-
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-
-        # Commands are small: fetches of at most 1 MiB a partition keep what librdkafka reads
-        # ahead to ~100 MB instead of ~250 MB while a long topic is restored (measured on
-        # 1,000,000 commands; the read itself then takes 6 s instead of 3, still ahead of
-        # the Enforcer). -X may change them.
-        conf = {"bootstrap.servers": bootstrap, "fetch.max.bytes": 2 << 20, "max.partition.fetch.bytes": 1 << 20,
-                **{k: v for k, v in (extra or {}).items() if k not in KAFKA_DEFAULTS},
-                "group.id": f"xdpwatch-control-{socket.gethostname()}-{os.getpid()}", "enable.auto.commit": False,
-                "enable.partition.eof": True}  # the end of a partition is reported: catch_up knows it is done
-        try:
-            self._consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
-            metadata = self._consumer.list_topics(topic, timeout=15)
-        except KafkaException as e:
-            raise BrokerError(f"cannot read the control topic {topic}: {e.args[0].str()}") from None
-        self.topic = topic
-        self.brokers = [f"{b.host}:{b.port}" for b in metadata.brokers.values()]  # as the cluster names them
-        self._partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions]
-        self._consumer.assign(self._partitions)
-
-    def catch_up(self, stall_timeout: float = 15.0) -> Iterator[bytes]:
-        """Every command already in the topic (up to its end when called), in order, as a
-        stream: memory does not grow with the topic. Raises BrokerError when no message
-        arrives for `stall_timeout` s while the end is not reached (however long the whole
-        read takes while it progresses).
-
-        The end is the consumer's end-of-partition event (the high watermark of the fetch
-        responses), not a watermark asked for beforehand: the test broker's ListOffsets
-        answers an offset below the end (16,727 for 20,005 records), which cut restores short."""
-        from confluent_kafka import KafkaError
-
-        behind = {tp.partition for tp in self._partitions}
-        last_progress = time.monotonic()
-        while behind:
-            for m in self._consumer.consume(1000, 0.2):
-                err = m.error()
-                if err is None:
-                    last_progress = time.monotonic()
-                    yield m.value()
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    behind.discard(m.partition())
-            if behind and time.monotonic() - last_progress > stall_timeout:
-                raise BrokerError(f"reading the control topic {self.topic} stalled: no message for {stall_timeout:.0f}s "
-                                  f"before its end (partitions {sorted(behind)}); is the broker up?")
-
-    def poll(self) -> list[bytes]:
-        return [m.value() for m in self._consumer.consume(500, 0) if m.error() is None]
-
-    def close(self) -> None:
-        self._consumer.close()

@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-from .records import BannerEvent, EventType, FlowEvent, FlowKey, FlowValue, Handshake
+from xdpwatch.producer.records import BannerEvent, EventType, FlowEvent, FlowKey, FlowValue, Handshake
 
 
 class FlowTable(Protocol):

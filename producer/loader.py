@@ -18,17 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import libbpf
-from .errors import AttachError, BpfError, ConfigError, InterfaceError, PrivilegeError
-from .records import NR_COUNTERS, FlowEvent, FlowKey, FlowValue, decode_event
+from xdpwatch.producer import libbpf
+from xdpwatch.producer.errors import AttachError, BpfError, ConfigError, InterfaceError, PrivilegeError
+from xdpwatch.producer.records import NR_COUNTERS, FlowEvent, FlowKey, FlowValue, decode_event
 
 log = logging.getLogger(__name__)
 
+# bpf/ is next to producer/ in the repository and, installed, in the xdpwatch package
+# (pyproject's package-dir keeps the layout): one place to look in both.
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-if not (BPF_DIR / "xdpwatch.bpf.c").exists():  # installed layout: xdpwatch/bpf next to producer
-    from .. import bpf as _bpf_pkg
-
-    BPF_DIR = Path(_bpf_pkg.__file__).resolve().parent
 SOURCE = BPF_DIR / "xdpwatch.bpf.c"
 PROG_NAME = "xdpwatch"  # the kernel's name for our program: how a stale one is recognised
 EGRESS_PROG_NAME = "xdpwatch_egress"  # the TC program for the other direction of SSH flows

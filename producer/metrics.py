@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .events import CLASSES
-from .exporter import DeliveryStats
-from .records import CounterId
+from xdpwatch.producer.events import CLASSES
+from xdpwatch.producer.exporter import DeliveryStats
+from xdpwatch.producer.records import CounterId
 
 
 @dataclass

@@ -3,7 +3,7 @@ and a guess at the login outcome from the sizes of the server's first packets.""
 
 from __future__ import annotations
 
-from .records import SERVER_SIZES
+from xdpwatch.producer.records import SERVER_SIZES
 
 
 def ssh_identification(raw: bytes) -> dict:

@@ -6,6 +6,7 @@ suffix of its topic: `<topic-prefix>.<stream>`.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 from pathlib import Path
@@ -136,11 +137,53 @@ def is_valid(stream: str, doc) -> bool:
         return False
 
 
-def timestamp_s(value: str) -> float:
-    """A date-time field of the contract (ISO 8601, UTC `Z`) as POSIX seconds."""
-    import datetime as dt
+# Date-times of the contract (`@timestamp`, `event.start`, `expires`, ...): ISO 8601 in UTC
+# with microseconds and a `Z`, e.g. 2026-11-24T10:00:00.123456Z. Written and read here only.
+_UTC = dt.timezone.utc
+_SECOND_PREFIX: dict[int, str] = {}
 
-    return dt.datetime.fromisoformat(value).timestamp()
+
+def format_time(seconds: float) -> str:
+    """POSIX seconds as a date-time of the contract, rounded to the microsecond."""
+    return dt.datetime.fromtimestamp(seconds, _UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_time_ns(ns: int) -> str:
+    """POSIX nanoseconds (the producer's clock) as a date-time of the contract, cut to the
+    microsecond. The formatted second is cached: events come in bursts within a few seconds."""
+    secs, rest = divmod(ns, 10**9)
+    prefix = _SECOND_PREFIX.get(secs)
+    if prefix is None:
+        if len(_SECOND_PREFIX) > 4096:
+            _SECOND_PREFIX.clear()
+        prefix = _SECOND_PREFIX[secs] = dt.datetime.fromtimestamp(secs, _UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+    return f"{prefix}{rest // 1000:06d}Z"
+
+
+def parse_time(text: str) -> float:
+    """A date-time as POSIX seconds: the contract's, or any ISO 8601 time (`Z`, lower-case
+    `z` as RFC 3339 allows, an offset, or none: UTC), or a date (its midnight, UTC).
+    ValueError saying what is expected otherwise."""
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            t = dt.datetime.fromisoformat(text.upper())  # 2026-11-25t10:00:00z
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-25T10:00:00Z)") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_UTC)
+    return t.timestamp()
+
+
+def event_id(value: bytes) -> str | None:
+    """The event.id of a serialized document, None when it has none or is not JSON."""
+    import orjson
+
+    try:
+        return orjson.loads(value)["event"]["id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def key_of(stream: str, doc: dict) -> bytes | None:

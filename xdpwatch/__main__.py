@@ -1,3 +1,3 @@
-from .cli import main
+from xdpwatch.cli import main
 
 main()

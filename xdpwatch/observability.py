@@ -10,6 +10,8 @@ import time
 
 import orjson
 
+from xdpwatch.errors import XdpwatchError
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: @timestamp, log.level, log.logger, message (ECS names)."""
@@ -76,5 +78,5 @@ def serve_metrics(port: int | None, collector, address: str = "127.0.0.1") -> No
     logging.getLogger("xdpwatch").info("metrics at http://%s:%d/metrics", address, port)
 
 
-class MetricsPortError(Exception):
-    exit_code = 1
+class MetricsPortError(XdpwatchError):
+    """--metrics-port cannot be served."""

@@ -2,15 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from .env import Broker, Sshd, TestNet
+from .env import Sshd, TestBroker, TestNet
 
 
 @pytest.fixture
 def broker_factory():
-    brokers: list[Broker] = []
+    brokers: list[TestBroker] = []
 
-    def make(**kw) -> Broker:
-        brokers.append(Broker(**kw))
+    def make(**kw) -> TestBroker:
+        brokers.append(TestBroker(**kw))
         return brokers[-1]
 
     yield make

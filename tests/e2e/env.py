@@ -1,10 +1,13 @@
 """Real components for end-to-end tests: the lab (broker, namespaces, sshd, shared with
-`xdpwatch demo`) plus what only tests need: exact frames, reading whole topics back. Each
-fails loudly when a prerequisite is missing (run `make setup`); none is ever skipped."""
+`xdpwatch demo`) plus what only tests need: a broker that outlives its process and checks
+records against their schemas, exact frames, reading whole topics back, relays. Each fails
+loudly when a prerequisite is missing (run `make setup`); none is ever skipped."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import select
 import socket
 import ssl
@@ -16,14 +19,100 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+from confluent_kafka import OFFSET_BEGINNING
 
 from xdpwatch import schemas
-from xdpwatch.lab import Broker, Net, Sshd, free_port, scrape, sh, wait_for  # noqa: F401
+from xdpwatch.kafka.read import Reader
+from xdpwatch.demo.lab import (VENV_BIN, Broker, LabError, Net, Sshd, free_port, scrape, sh,  # noqa: F401
+                               terminate, wait_for)
 
 SENDFRAMES = Path(__file__).resolve().parent.parent / "sendframes.py"
 NOBODY_MAC = "02:00:00:00:00:99"  # owned by no interface: frames are seen by XDP, answered by nobody
 # `make test-soak` (XDPWATCH_SOAK=1) runs the long variants: longer outages, more crashes.
 SOAK = os.environ.get("XDPWATCH_SOAK") == "1"
+
+
+class TestBroker(Broker):
+    """The lab's broker with what only tests need. With `durable`, its storage is an S3
+    bucket served by a local moto server, so the broker process can be killed or stopped
+    (`kill`, `stop_process`) and started again (`start`) on the same port with its topics,
+    records and producer state intact. With `value_schemas`, it validates every record's
+    value against the JSON Schema of its topic and refuses invalid ones. `advertise`: the
+    port clients are told to use (a relay in front), if not its own; `port`: its own, if
+    chosen already (the relay's target)."""
+
+    __test__ = False
+
+    def __init__(self, value_schemas: dict[str, dict] | None = None, durable: bool = False,
+                 advertise: int | None = None, port: int | None = None):
+        self.value_schemas, self.durable, self.advertise = value_schemas, durable, advertise
+        self.s3: S3Server | None = None
+        super().__init__(port)
+
+    def options(self) -> list[str]:
+        argv = ["--advertised-listener-url", f"tcp://127.0.0.1:{self.advertise or self.port}"]
+        if self.value_schemas:
+            registry = self.dir / "registry"
+            registry.mkdir()
+            for topic, schema in self.value_schemas.items():
+                record = {"type": "object", "properties": {"value": schema}}
+                (registry / f"{topic}.json").write_text(json.dumps(record))
+            argv += ["--schema-registry", "file://./registry"]  # relative: absolute is misread
+        if not self.durable:
+            return argv + ["--storage-engine", "memory://tansu/"]
+        self.s3 = S3Server(self.dir)
+        self.env.update(self.s3.client_env())
+        return argv + ["--storage-engine", "s3://tansu/"]
+
+    def kill(self) -> None:
+        """SIGKILL the broker process: a crash, as its clients see it."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.s3 is not None:
+            self.s3.stop()
+
+
+class S3Server:
+    """moto's S3 server on a free loopback port with one bucket, `tansu`: storage for the
+    broker that outlives the broker's process."""
+
+    MOTO = VENV_BIN / "moto_server"
+
+    def __init__(self, workdir: Path):
+        if not self.MOTO.exists():
+            raise LabError(f"{self.MOTO} missing: run `make setup`")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / "s3.log", "wb")
+        self.proc = subprocess.Popen([str(self.MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(self._create_bucket, 20, f"the S3 server on {self.url}", interval=0.2)
+        except LabError:
+            self.stop()
+            raise
+
+    def client_env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT": self.url, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "xdpwatch",
+                "AWS_SECRET_ACCESS_KEY": "xdpwatch", "AWS_DEFAULT_REGION": "eu-west-2"}
+
+    def _create_bucket(self) -> bool:
+        if self.proc.poll() is not None:
+            raise LabError(f"moto_server exited {self.proc.returncode}:\n{Path(self.log.name).read_text()[-2000:]}")
+        import urllib.request
+
+        try:  # S3 CreateBucket: PUT /<bucket>
+            urllib.request.urlopen(urllib.request.Request(f"{self.url}/tansu", method="PUT"), timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.log.close()
 
 
 @dataclass
@@ -38,22 +127,20 @@ class Record:
 
 def consume_all(bootstrap: str, topic: str, *, min_messages: int = 0, idle_timeout: float = 2.0,
                 timeout: float = 30.0, conf: dict | None = None) -> list[Record]:
-    """Every record of `topic` from the beginning (assign, no group), ordered by partition and
-    offset. Returns once `min_messages` arrived and nothing new came for `idle_timeout`."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xw-test-reader", "enable.auto.commit": False,
-                  **(conf or {})})
+    """Every record of `topic` from the beginning (the Kafka wing's Reader: assigned, no group),
+    ordered by partition and offset. Returns once `min_messages` arrived and nothing new came
+    for `idle_timeout`."""
+    reader = Reader({"bootstrap.servers": bootstrap, **(conf or {})}, "test")
     try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        if meta.error is not None:
-            raise AssertionError(f"topic {topic}: {meta.error}")
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        partitions = reader.partitions(topic)
+        if not partitions:
+            raise AssertionError(f"topic {topic} does not exist")
+        reader.follow([(topic, p, OFFSET_BEGINNING) for p in partitions])
         out: list[Record] = []
         deadline = time.monotonic() + timeout
         last_new = time.monotonic()
         while time.monotonic() < deadline:
-            for m in c.consume(500, 0.2):
+            for m in reader.poll(500, 0.2):
                 if m.error():
                     raise AssertionError(f"consume {topic}: {m.error()}")
                 out.append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or []))
@@ -64,7 +151,7 @@ def consume_all(bootstrap: str, topic: str, *, min_messages: int = 0, idle_timeo
             raise AssertionError(f"{topic}: {len(out)} messages after {timeout}s, expected at least {min_messages}")
         return sorted(out, key=lambda r: (r.partition, r.offset))
     finally:
-        c.close()
+        reader.close()
 
 
 def documents(broker, topic, **kw):

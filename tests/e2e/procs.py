@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -68,15 +69,32 @@ class XdpwatchProc:
 
 class ProducerProc(XdpwatchProc):
     """`xdpwatch produce`, spooling to a directory of its own (`spool_dir`, made fresh and
-    removed afterwards unless given): no test sends another test's leftovers."""
+    removed afterwards unless given): no test sends another test's leftovers. Once it has
+    stopped, `summary()` is its run's figures (--summary-file)."""
 
     def __init__(self, *args: str, env: dict | None = None, spool_dir: Path | None = None):
         self._own_spool = spool_dir is None
         self.spool_dir = Path(tempfile.mkdtemp(prefix="xw-spool-")) if spool_dir is None else spool_dir
-        super().__init__("produce", *args, env={"XDPWATCH_SPOOL_DIR": str(self.spool_dir), **(env or {})})
+        self._dir = Path(tempfile.mkdtemp(prefix="xw-producer-"))
+        self.summary_file = self._dir / "summary.json"
+        self._summary: dict | None = None
+        super().__init__("produce", "--summary-file", str(self.summary_file), *args,
+                         env={"XDPWATCH_SPOOL_DIR": str(self.spool_dir), **(env or {})})
+
+    def summary(self) -> dict:
+        """The --summary-file the producer wrote at exit (0600), also after the `with` block."""
+        if self._summary is None:
+            if not self.summary_file.exists():
+                raise AssertionError(f"produce wrote no --summary-file:\n{self.stderr}")
+            assert self.summary_file.stat().st_mode & 0o777 == 0o600
+            self._summary = json.loads(self.summary_file.read_text())
+        return self._summary
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
+        if self.summary_file.exists():
+            self.summary()
+        shutil.rmtree(self._dir, ignore_errors=True)
         if self._own_spool:
             shutil.rmtree(self.spool_dir, ignore_errors=True)
 

@@ -297,7 +297,7 @@ def test_a_message_that_breaks_the_handler_is_dead_lettered_and_the_loop_goes_on
     assert p.flush(10) == 0
 
     def run(group: str, handler, dead) -> LoopStats:
-        conf = consumer_conf(broker.bootstrap, group, True, {"session.timeout.ms": "6000"})
+        conf = consumer_conf({"bootstrap.servers": broker.bootstrap, "session.timeout.ms": "6000"}, group, True)
         return run_loop(conf, [FLOWS], handler, dead, threading.Event(), idle_exit_s=3, stats=LoopStats())
 
     def committed(group: str) -> int:

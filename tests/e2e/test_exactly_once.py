@@ -25,7 +25,7 @@ from xdpwatch.producer.events import EventShaper
 from xdpwatch.producer.flows import FlowReport
 from xdpwatch.producer.records import DIR_TO_CLIENT, NR_COUNTERS, CounterId, FlowKey, FlowValue, Handshake
 
-from .env import SOAK, consume_all, free_port, scrape, wait_for
+from .env import SOAK, LabError, consume_all, free_port, scrape, wait_for
 from .procs import XDPWATCH, XdpwatchProc
 from .test_alert import S, FixedClock, connections
 
@@ -224,7 +224,7 @@ def committed(broker, group: str) -> dict[int, int]:
 def check_exactly_once(broker, tmp_path, stream: Stream, group: str, *procs) -> tuple[list[dict], list[dict]]:
     try:
         wait_for(lambda: committed(broker, group) == stream.ends, 120, "the group to commit every offset", interval=1)
-    except AssertionError:
+    except LabError:
         raise AssertionError(f"committed {committed(broker, group)}, ends {stream.ends}\n"
                              + "\n---\n".join(p.stderr for p in procs)) from None
     alerts, commands = published(broker), [d["command"] for d in published(broker, CONTROL)]

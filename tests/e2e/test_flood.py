@@ -11,7 +11,6 @@ import pytest
 
 from .env import SOAK, documents
 from .procs import ProducerProc
-from .test_outage import summary_of
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +20,7 @@ N = 60_000 if SOAK else 20_000
 
 def flood(net, producer_args: list[str]):
     """N SYNs of distinct flows as fast as one sender goes; returns the producer's final
-    counts (summary_of: the kernel's totals and the delivery) and the send rate."""
+    counts (its --summary-file: the kernel's totals and the delivery) and the send rate."""
     frames = net.ssh_syns(range(1024, 1024 + N))
     args = ["--iface", net.iface, "--interval", "0.5", "--ringbuf-pages", "1", "--flow-idle-timeout", "2",
             "--flow-fin-linger", "0", *producer_args]
@@ -33,7 +32,7 @@ def flood(net, producer_args: list[str]):
         time.sleep(4)  # idle timeout + sweeps
         rc = producer.stop()
     assert rc == 0, producer.stderr
-    return summary_of(producer), rate
+    return producer.summary(), rate
 
 
 def test_syn_flood_with_a_one_page_ring_buffer_loses_no_flow(testnet, broker_factory):
@@ -44,16 +43,16 @@ def test_syn_flood_with_a_one_page_ring_buffer_loses_no_flow(testnet, broker_fac
     counts = [d for _, d in documents(broker, COUNTS)]
     # The counters add up: the intervals' deltas sum to the kernel's totals, and to what was sent.
     assert sum(d["packets"]["total"] for d in counts) == sum(d["packets"]["ssh"] for d in counts) == summary["packets"] == N
-    assert sum(d["flows"]["started"] for d in counts) == summary["flows"] == N
+    assert sum(d["flows"]["started"] for d in counts) == summary["ssh_flows"] == N
     drops = sum(d["drops"]["ringbuf"] for d in counts)
-    assert drops == summary["drops"] > 0, "a one-page ring buffer must overflow under this flood"
-    assert sum(d["flows"]["evicted"] for d in counts) == summary["evicted"] == 0
+    assert drops == summary["ringbuf_drops"] > 0, "a one-page ring buffer must overflow under this flood"
+    assert sum(d["flows"]["evicted"] for d in counts) == summary["flows_evicted"] == 0
     flows = documents(broker, FLOWS, min_messages=2 * N, timeout=120)
     per_flow = collections.defaultdict(list)
     for _, d in flows:
         per_flow[d["source"]["port"]].append(d["event"]["action"])
     assert len(per_flow) == N and all(a == ["flow_start", "flow_end"] for a in per_flow.values())
-    assert summary["delivered"] == summary["produced"] == 2 * N + len(counts)
+    assert summary["events"]["delivered"] == summary["events"]["produced"] == 2 * N + len(counts)
     print(f"\n[flood] {N} SYNs at {rate:,.0f}/s: {drops} ring-buffer drops counted; {N} flows started "
           f"and ended in Kafka, none lost")
 
@@ -66,10 +65,10 @@ def test_syn_flood_past_a_small_flow_table_counts_every_eviction(testnet, broker
     broker = broker_factory()
     summary, rate = flood(testnet, ["--bootstrap-servers", broker.bootstrap, "--flow-table-size", "1024"])
     counts = [d for _, d in documents(broker, COUNTS)]
-    assert sum(d["flows"]["started"] for d in counts) == summary["flows"] == N
+    assert sum(d["flows"]["started"] for d in counts) == summary["ssh_flows"] == N
     drops = sum(d["drops"]["ringbuf"] for d in counts)
     evicted = sum(d["flows"]["evicted"] for d in counts)
-    assert drops == summary["drops"] and evicted == summary["evicted"] > 0
+    assert drops == summary["ringbuf_drops"] and evicted == summary["flows_evicted"] > 0
     flows = documents(broker, FLOWS, min_messages=2 * (N - drops), timeout=120)
     actions = collections.Counter(d["event"]["action"] for _, d in flows)
     ends = collections.Counter(d["event"]["reason"] for _, d in flows if d["event"]["action"] == "flow_end")
@@ -77,6 +76,6 @@ def test_syn_flood_past_a_small_flow_table_counts_every_eviction(testnet, broker
     assert ends["evicted"] == evicted
     assert N - drops <= actions["flow_start"] <= N
     assert len({d["event"]["id"] for _, d in flows}) == len(flows)
-    assert summary["delivered"] == summary["produced"] == len(flows) + len(counts)
+    assert summary["events"]["delivered"] == summary["events"]["produced"] == len(flows) + len(counts)
     print(f"\n[flood, 1024-entry table] {N} SYNs at {rate:,.0f}/s: {evicted} evicted (each a flow_end), "
           f"{drops} ring drops counted, {actions['flow_start']} flows in Kafka")

@@ -8,7 +8,6 @@ topic, never blocks past 7 days, and a restart replays it all and attaches."""
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import json
 import subprocess
 import time
@@ -19,6 +18,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from xdpwatch import schemas
+from xdpwatch.kafka.read import Reader
 
 from .env import NOBODY_MAC, consume_all
 from .procs import XDPWATCH, ProducerProc
@@ -29,10 +29,6 @@ FLOOD = 20_000
 CAPACITY = 16384  # bpf/config.h BLOCKLIST_SIZE
 WEEK = 7 * 86400
 DECISIONS = ("block_applied", "command_rejected")
-
-
-def stamp(epoch_s: float) -> str:
-    return dt.datetime.fromtimestamp(epoch_s, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def command(cid: str, prefix: str, at: str, ttl_s: int = 3600) -> bytes:
@@ -53,11 +49,10 @@ class Tail:
     """A topic read from its beginning as records arrive (assign, no group)."""
 
     def __init__(self, bootstrap: str, topic: str):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING
 
-        self.c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xw-test-tail", "enable.auto.commit": False})
-        meta = self.c.list_topics(topic, timeout=10).topics[topic]
-        self.c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        self.reader = Reader({"bootstrap.servers": bootstrap}, "test-tail")
+        self.reader.follow([(topic, p, OFFSET_BEGINNING) for p in self.reader.partitions(topic)])
         self.docs: list[dict] = []
 
     def until(self, done, timeout: float, what: str) -> list[dict]:
@@ -65,13 +60,13 @@ class Tail:
         deadline = time.monotonic() + timeout
         while not done(self.docs):
             assert time.monotonic() < deadline, f"{what}: not after {timeout}s ({len(self.docs)} records)"
-            for m in self.c.consume(1000, 0.2):
+            for m in self.reader.poll(1000, 0.2):
                 assert m.error() is None, m.error()
                 self.docs.append(orjson.loads(m.value()))
         return self.docs
 
     def close(self) -> None:
-        self.c.close()
+        self.reader.close()
 
 
 def rss_mb(pid: int) -> float:
@@ -96,12 +91,12 @@ def test_no_command_stops_the_enforcer_and_a_restart_attaches(testnet, broker_fa
         special = {
             "c-2099": command("c-2099", "203.0.113.1", "2099-01-01T00:00:00Z"),
             "c-9999": command("c-9999", "203.0.113.2", "9999-12-31T23:59:59Z"),
-            "c-host": command("c-host", host_ip, stamp(now)),
-            "c-broker": command("c-broker", broker_ip, stamp(now)),
-            "c-week-ahead": command("c-week-ahead", "203.0.113.3", stamp(now + 120), ttl_s=WEEK),
+            "c-host": command("c-host", host_ip, schemas.format_time(now)),
+            "c-broker": command("c-broker", broker_ip, schemas.format_time(now)),
+            "c-week-ahead": command("c-week-ahead", "203.0.113.3", schemas.format_time(now + 120), ttl_s=WEEK),
         }
         # 198.19.0.0/16: the benchmarking range's upper half, which no test sends traffic from.
-        flood = {f"flood-{i}": command(f"flood-{i}", f"198.19.{i >> 8}.{i & 255}", stamp(now)) for i in range(FLOOD)}
+        flood = {f"flood-{i}": command(f"flood-{i}", f"198.19.{i >> 8}.{i & 255}", schemas.format_time(now)) for i in range(FLOOD)}
         sent = {**special, **flood}
         kafka = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "enable.idempotence": True})
         headers = schemas.headers("control")
@@ -146,9 +141,9 @@ def test_no_command_stops_the_enforcer_and_a_restart_attaches(testnet, broker_fa
     full = [cid for cid, w in why.items() if w == f"blocklist full: {CAPACITY} entries (IPv4)"]
     assert len(applied) == CAPACITY and len(full) == FLOOD - (CAPACITY - 1)  # c-week-ahead took one place
     assert why["c-week-ahead"] is None
-    week_ahead = schemas.timestamp_s(by_id["c-week-ahead"]["xdpwatch"]["enforcement"]["expires"])
+    week_ahead = schemas.parse_time(by_id["c-week-ahead"]["xdpwatch"]["enforcement"]["expires"])
     assert now + WEEK <= week_ahead < now + 120 + WEEK  # clamped to received + 7 days
-    latest = max(schemas.timestamp_s(d["xdpwatch"]["enforcement"]["expires"]) for d in applied)
+    latest = max(schemas.parse_time(d["xdpwatch"]["enforcement"]["expires"]) for d in applied)
     assert latest <= time.time() + WEEK, "no block past 7 days"
 
     # A restart replays all 20,005 commands before attaching: the same blocks, then attached.

@@ -9,7 +9,6 @@ The broker stays down 6 s (`make test-soak`: 60 s).
 from __future__ import annotations
 
 import collections
-import re
 import subprocess
 import time
 
@@ -28,17 +27,6 @@ COUNTS, FLOWS = "xdpwatch.packet-counts", "xdpwatch.ssh-flows"
 OUTAGE_S = 10 if SOAK else 6
 ROUNDS = range(20 if SOAK else 1)  # `make test-soak`: each outage test 20 times in a row
 QUEUE = 40  # librdkafka's local queue, in events: small, so that the outage overflows it
-
-
-def summary_of(producer) -> dict[str, int]:
-    """The counts of the producer's last log line before exiting: "stopped: P packets, F SSH
-    flows (E evicted), D ring-buffer drops; events produced N, delivered N, …" as
-    {packets, flows, evicted, drops, produced, delivered, failed, undelivered, spooled, dropped}."""
-    line = next(s for s in producer.stderr_lines if "stopped:" in s)
-    kernel = re.search(r"stopped: (\d+) packets, (\d+) SSH flows \((\d+) evicted\), (\d+) ring-buffer drops", line)
-    return {**dict(zip(("packets", "flows", "evicted", "drops"), map(int, kernel.groups()))),
-            **{k: int(v) for k, v in re.findall(r"(produced|delivered|failed|undelivered|spooled|dropped) (\d+)", line)},
-            "already": int(re.search(r"already in Kafka (\d+)", line).group(1))}
 
 
 @pytest.mark.parametrize("round_", ROUNDS)
@@ -90,7 +78,7 @@ def test_broker_outage_loses_and_duplicates_nothing(testnet, broker_factory, tmp
         counts = [d for _, d in documents(broker, COUNTS)]
     finally:
         front.close()
-    s = summary_of(producer)
+    s = producer.summary()["events"]
     assert s["produced"] == s["delivered"] and s["failed"] == s["undelivered"] == s["spooled"] == s["dropped"] == 0, s
     assert not list((tmp_path / "spool").glob("*.spool"))
 
@@ -126,7 +114,7 @@ def test_stop_while_the_broker_is_down_spools_for_the_next_start(testnet, broker
         rc = producer.stop(timeout=30)
     assert time.monotonic() - stopped_at < 15
     assert rc == 3, producer.stderr
-    first = summary_of(producer)
+    first = producer.summary()["events"]
     assert first["spooled"] > 0 and first["failed"] == first["undelivered"] == first["dropped"] == 0, first
     assert first["produced"] == first["delivered"]  # what Kafka never took is not counted as produced
     assert producer.stderr_lines[-1] == (
@@ -140,7 +128,7 @@ def test_stop_while_the_broker_is_down_spools_for_the_next_start(testnet, broker
         rc = producer.stop()
     assert rc == 0, producer.stderr
     assert f"holds {first['spooled']} events from an earlier run" in producer.stderr
-    second = summary_of(producer)
+    second = producer.summary()["events"]
     counts = [d for _, d in documents(broker, COUNTS)]
     assert len(counts) == first["delivered"] + second["delivered"]  # the second run sent the spooled ones
     assert len({d["event"]["id"] for d in counts}) == len(counts)
@@ -158,7 +146,7 @@ def test_without_a_spool_overflow_is_dropped_and_counted(testnet, broker_factory
         wait_for(lambda: any("event dropped" in line for line in producer.stderr_lines), 10, "a drop")
         rc = producer.stop()
     assert rc == 3, producer.stderr
-    s = summary_of(producer)
+    s = producer.summary()["events"]
     assert s["dropped"] > 0 and s["spooled"] == 0
     assert "no spool (--spool-max-mb 0)" in producer.stderr
     assert producer.stderr_lines[-1].startswith(
@@ -182,7 +170,7 @@ def test_a_burst_bigger_than_the_local_queue_needs_no_spool_while_the_broker_is_
     event takes 10 µs, about the producer's own work per event; before, 2/3 of this burst
     went through the spool."""
     broker = broker_factory()
-    exporter = KafkaExporter(broker.bootstrap, "burst", {"queue.buffering.max.messages": "10000"})
+    exporter = KafkaExporter({"bootstrap.servers": broker.bootstrap, "queue.buffering.max.messages": "10000"}, "burst")
     exporter.ensure_topics(3, 1)
     spool = Spool(tmp_path / "spool", 1 << 30)
     exporter.use_spool(spool)
@@ -247,7 +235,7 @@ def test_a_corrupt_spool_never_fails_the_start(testnet, broker_factory, tmp_path
     ids = collections.Counter(d["event"]["id"] for _, d in documents(broker, COUNTS))
     assert all(ids[orjson.loads(v)["event"]["id"]] == 1 for _, _, v in valid)
     assert ids[orjson.loads(last[2])["event"]["id"]] == 0
-    assert sum(ids.values()) == len(ids) == summary_of(producer)["delivered"]  # spooled + this run's own, once each
+    assert sum(ids.values()) == len(ids) == producer.summary()["events"]["delivered"]  # spooled + this run's own, once each
     assert sorted(p.name for p in spool.iterdir()) == ["README", "copy of 001000000000.spool"]
     print(f"\n{len(valid)} valid spooled events delivered once; skipped: 1 file, 1 record, 1 unreadable tail")
 
@@ -274,7 +262,7 @@ def test_events_whose_acknowledgement_was_lost_are_not_sent_twice(testnet, broke
             time.sleep(2.0)
             rc = producer.stop(timeout=30)
         assert rc == 3, producer.stderr
-        first = summary_of(producer)
+        first = producer.summary()["events"]
         assert first["spooled"] >= 5, first  # the muted intervals, and the final one
         front.unmute()
         with ProducerProc(*args, spool_dir=spool) as producer:
@@ -285,12 +273,12 @@ def test_events_whose_acknowledgement_was_lost_are_not_sent_twice(testnet, broke
         counts = [d for _, d in documents(broker, COUNTS)]  # the broker advertises the relay: read through it
     finally:
         front.close()
-    second = summary_of(producer)
+    second = producer.summary()["events"]
     ids = collections.Counter(d["event"]["id"] for d in counts)
     assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1]
     # Some reached the broker (up to librdkafka's requests in flight), the rest waited in its queue.
-    assert 1 <= second["already"] < first["spooled"]
-    assert len(counts) == first["delivered"] + second["already"] + second["delivered"]
+    assert 1 <= second["already_in_kafka"] < first["spooled"]
+    assert len(counts) == first["delivered"] + second["already_in_kafka"] + second["delivered"]
     assert sum(1 for d in counts if d["interval"].get("final")) == 2
-    print(f"\n[lost acknowledgements] {first['spooled']} events spooled unacknowledged; {second['already']} of them "
+    print(f"\n[lost acknowledgements] {first['spooled']} events spooled unacknowledged; {second['already_in_kafka']} of them "
           f"found in Kafka at the next start and not sent again; {len(counts)} records, each once")

@@ -51,7 +51,7 @@ def attack_until_blocked(net, sshd, producer, attempts: int = 8) -> float:
             pass  # cut off by the block
     producer.wait_for_log(marker, timeout=30)
     line = next(x for x in producer.stderr_lines if marker in x)
-    return schemas.timestamp_s(line.split(marker, 1)[1].split()[0])
+    return schemas.parse_time(line.split(marker, 1)[1].split()[0])
 
 
 def test_bruteforce_is_blocked_in_the_kernel_until_the_ttl_passes(testnet, sshd, broker_factory, tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from xdpwatch.kafka_config import env_name
-from xdpwatch.lab import listening
+from xdpwatch.kafka.config import env_name
 
+from ..sockets import listening
 from .env import TlsFront, WireTap, consume_all, free_port, make_certs, wait_for
 from .procs import XDPWATCH, ProducerProc
 
@@ -92,7 +92,7 @@ def test_settings_from_file_and_environment_reach_kafka_never_the_command_line(t
         rc = producer.stop()
     assert rc == 0, producer.stderr
     assert SECRET not in producer.stderr and "puts a secret on the command line" not in producer.stderr
-    delivered = int(producer.stderr.split("delivered ")[1].split(",")[0])
+    delivered = producer.summary()["events"]["delivered"]
     assert delivered >= 3
     assert len(consume_all(broker.bootstrap, "xdpwatch.packet-counts")) == delivered
     tap.close()
@@ -125,7 +125,7 @@ def test_tls_with_hostname_verification_delivers(testnet, tls_broker):
         time.sleep(1)
         rc = producer.stop()
     assert rc == 0, producer.stderr
-    delivered = int(producer.stderr.split("delivered ")[1].split(",")[0])
+    delivered = producer.summary()["events"]["delivered"]
     assert delivered >= 3 and front.handshake_errors == []
     # What went through TLS is in the broker (read back through TLS too).
     records = consume_all(f"127.0.0.1:{front.port}", "xdpwatch.packet-counts",

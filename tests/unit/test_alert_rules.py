@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 
 from xdpwatch import schemas
-from xdpwatch.consumers.alert import DEFAULT_RULES, Detector, Limits, Rules, iso, load_rules
+from xdpwatch.consumers.alert import DEFAULT_RULES, Detector, Limits, Rules, load_rules
 from xdpwatch.consumers.errors import ConsumerError
+from xdpwatch.schemas import format_time
 
 T0 = 1_800_000_000.0
 GW = {"hostname": "gw", "ingress": {"interface": {"name": "eth0"}}}
 
 
 def flow(action: str, t: float, src: str, dst: str = "192.0.2.1", n: int = 0, handshake: str | None = None) -> dict:
-    doc = {"@timestamp": iso(t), "event": {"id": f"{action}-{src}-{dst}-{n}", "action": action},
+    doc = {"@timestamp": format_time(t), "event": {"id": f"{action}-{src}-{dst}-{n}", "action": action},
            "source": {"ip": src, "port": 40000 + n}, "destination": {"ip": dst, "port": 22},
            "tcp": {"flags": ["SYN"]}, "observer": GW}
     if handshake is not None:
@@ -40,7 +41,7 @@ def flow_end(t: float, src: str, failures, outcome: str = "failure", n: int = 0,
 
 
 def counts(t: float, packets: int, drops: int = 0, n: int = 0, host: str = "gw") -> dict:
-    return {"@timestamp": iso(t), "event": {"id": f"pc-{host}-{n}"}, "interval": {"duration_ms": 1000.0},
+    return {"@timestamp": format_time(t), "event": {"id": f"pc-{host}-{n}"}, "interval": {"duration_ms": 1000.0},
             "packets": {"total": packets}, "drops": {"ringbuf": drops},
             "observer": {"hostname": host, "ingress": {"interface": {"name": "eth0"}}}}
 
@@ -83,7 +84,7 @@ def test_syn_flood_alerts_on_claimed_sources_and_says_so():
     e = a["xdpwatch"]["evidence"]
     assert a["source"]["ip"] == "198.51.100.77" and e["count"] == 20 and e["window_s"] == 10
     assert e["first_event_id"] == "flow_start-198.51.100.77-192.0.2.1-0"
-    assert e["last_event_id"] == "flow_start-198.51.100.77-192.0.2.1-19" and a["@timestamp"] == iso(T0 + 19 / 3)
+    assert e["last_event_id"] == "flow_start-198.51.100.77-192.0.2.1-19" and a["@timestamp"] == format_time(T0 + 19 / 3)
     assert "unverified" in a["message"] and "spoofed" in a["message"]
     assert a["threat"]["technique"]["id"].startswith("T1499") and a["event"]["severity"] < 70
 
@@ -119,8 +120,8 @@ def test_bruteforce_fires_at_threshold_once_per_cooldown():
     assert a["source"]["ip"] == "203.0.113.9" and a["xdpwatch"]["evidence"]["count"] == 10
     assert a["xdpwatch"]["evidence"]["first_event_id"] == "flow_established-203.0.113.9-192.0.2.1-0"
     assert a["xdpwatch"]["evidence"]["last_event_id"] == "flow_established-203.0.113.9-192.0.2.1-9"
-    assert a["xdpwatch"]["evidence"]["first_seen"] == iso(T0) and a["xdpwatch"]["evidence"]["destinations"] == ["192.0.2.1"]
-    assert a["@timestamp"] == iso(T0 + 9) and a["threat"]["technique"]["id"] == "T1110"
+    assert a["xdpwatch"]["evidence"]["first_seen"] == format_time(T0) and a["xdpwatch"]["evidence"]["destinations"] == ["192.0.2.1"]
+    assert a["@timestamp"] == format_time(T0 + 9) and a["threat"]["technique"]["id"] == "T1110"
     # After the cooldown (300 s of event time) the same source can alert again.
     later = [("ssh-flows", established(T0 + 400 + i, "203.0.113.9", n=100 + i)) for i in range(10)]
     assert len(named(detect(ev + later), "ssh_bruteforce")) == 2
@@ -164,7 +165,7 @@ def test_scan_keeps_the_most_recent_destinations_within_the_window():
     assert len(scans) == 1
     e = scans[0]["xdpwatch"]["evidence"]
     assert e["count"] == 5 and e["first_event_id"] == "flow_established-198.51.100.4-192.0.2.0-10"
-    assert e["first_seen"] == iso(T0 + 50) and e["last_seen"] == iso(T0 + 70)
+    assert e["first_seen"] == format_time(T0 + 50) and e["last_seen"] == format_time(T0 + 70)
 
 
 def test_auth_failures_count_refused_logins_not_connections():

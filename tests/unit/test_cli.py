@@ -25,7 +25,7 @@ def run(*args, env=None):
 def test_kafka_options_parse_like_kcat():
     import typer
 
-    from xdpwatch.cli import kafka_options
+    from xdpwatch.cli.options import kafka_options
 
     assert kafka_options(["security.protocol=SSL", "sasl.password=a=b"]) == {
         "security.protocol": "SSL", "sasl.password": "a=b"}

@@ -1,6 +1,7 @@
-"""ControlReader.catch_up alone, on a scripted consumer: it streams, ends at each
-partition's end, and gives up only when no message came for the stall timeout, however
-long the whole read takes. (Against the real broker: tests/e2e/test_hostile_control.py.)"""
+"""ControlReader.catch_up alone (the Kafka wing's Reader.read, following), on a scripted
+consumer: it streams, ends at each partition's end, and gives up only when no message came
+for the stall timeout, however long the whole read takes. (Against the real broker:
+tests/e2e/test_hostile_control.py.)"""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 import pytest
 from confluent_kafka import KafkaError
 
-from xdpwatch.producer.errors import BrokerError
-from xdpwatch.producer.exporter import ControlReader
+from xdpwatch.errors import BrokerError
+from xdpwatch.kafka.read import ControlReader, Reader
 
 
 class Msg:
@@ -26,12 +27,20 @@ class Msg:
     def partition(self):
         return self._p
 
+    def topic(self):
+        return "xdpwatch.control"
+
 
 class ScriptedConsumer:
     """consume() answers from a script: a list of messages, or a number of seconds of silence."""
 
     def __init__(self, script):
         self.script = list(script)
+
+    def assign(self, partitions):
+        pass
+
+    resume = pause = unassign = assign
 
     def consume(self, n, timeout):
         if not self.script:
@@ -44,10 +53,11 @@ class ScriptedConsumer:
         return step
 
 
-def reader(script, partitions=(0,)) -> ControlReader:
+def reader(script, partitions=(0,), stall_timeout=1.0) -> ControlReader:
     r = ControlReader.__new__(ControlReader)  # no broker: the consumer is scripted
-    r.topic, r._consumer = "xdpwatch.control", ScriptedConsumer(script)
-    r._partitions = [type("TP", (), {"partition": p})() for p in partitions]
+    r.topic, r._partitions = "xdpwatch.control", list(partitions)
+    r._reader = Reader.__new__(Reader)
+    r._reader._c, r._reader.stall_timeout = ScriptedConsumer(script), stall_timeout
     return r
 
 
@@ -56,7 +66,7 @@ def test_slow_but_steady_progress_is_read_to_the_end():
     for i in range(6):  # 6 x 0.3 s = longer than the stall timeout in total, never silent that long
         script += [0.3, [Msg(0, b"c%d" % i)]]
     script += [[Msg(1, b"other"), Msg(1, eof=True)], [Msg(0, eof=True)], [Msg(0, b"never read")]]
-    got = list(reader(script, partitions=(0, 1)).catch_up(stall_timeout=0.5))
+    got = list(reader(script, partitions=(0, 1), stall_timeout=0.5).catch_up())
     assert got == [b"c0", b"c1", b"c2", b"c3", b"c4", b"c5", b"other"]
 
 
@@ -65,10 +75,10 @@ def test_silence_before_the_end_is_a_broker_error():
     got = []
     with pytest.raises(BrokerError, match=r"reading the control topic xdpwatch.control stalled: no message for 1s "
                                           r"before its end \(partitions \[0\]\); is the broker up\?"):
-        for v in r.catch_up(stall_timeout=1):
+        for v in r.catch_up():
             got.append(v)
     assert got == [b"c0", b"c1"]  # what came before is handed over first
 
 
 def test_an_empty_topic_ends_at_once():
-    assert list(reader([[Msg(0, eof=True)]]).catch_up(stall_timeout=1)) == []
+    assert list(reader([[Msg(0, eof=True)]]).catch_up()) == []

@@ -83,9 +83,9 @@ def test_producer_has_what_xdp_needs_and_no_more():
     # The spool (events waiting for Kafka) outlives the container, where the producer looks.
     import inspect
 
-    from xdpwatch import cli
+    from xdpwatch.cli.produce import produce
 
-    default = inspect.signature(cli.produce).parameters["spool_dir"].default
+    default = inspect.signature(produce).parameters["spool_dir"].default
     assert f"spool:{default}" in p["volumes"] and "spool" in COMPOSE["volumes"]
 
 
@@ -154,3 +154,11 @@ def test_built_package_carries_bpf_sources_and_schemas(tmp_path):
     for f in (*bpf, "schemas/ssh-flow.v1.json",
               "schemas/packet-counts.v1.json", "schemas/alert.v1.json", "consumers/archive.py", "producer/loader.py"):
         assert f"xdpwatch/{f}" in names, f
+    # Every module of every package folder (a subpackage missing from pyproject's list is not installed).
+    import tomllib
+
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    source = {f"{package.replace('.', '/')}/{p.relative_to(ROOT / folder)}"
+              for package, folder in dirs.items() for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
+    assert {"xdpwatch/kafka/read.py", "xdpwatch/cli/produce.py", "xdpwatch/demo/traffic.py"} <= source
+    assert source <= names, sorted(source - names)

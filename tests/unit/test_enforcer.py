@@ -105,7 +105,7 @@ def test_expiry_is_clamped_to_seven_days_from_receipt():
     ahead = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(T0 + 200))
     enf.handle(cmd("block", "203.0.113.9", ttl_s=WEEK, at=ahead), now=T0)
     (applied,) = events
-    expires = schemas.timestamp_s(applied["xdpwatch"]["enforcement"]["expires"])
+    expires = schemas.parse_time(applied["xdpwatch"]["enforcement"]["expires"])
     assert expires == T0 + WEEK  # not T0 + 200 + WEEK
     enf.expire(now=T0 + WEEK)
     assert events[-1]["event"]["action"] == "block_expired" and prog.blocked() == set()

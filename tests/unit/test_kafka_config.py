@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from xdpwatch import observability
-from xdpwatch.lab import free_port, listening
-from xdpwatch.kafka_config import (SECRET_PROPERTIES, KafkaConfigError, env_name, from_environ, is_secret,
+from xdpwatch.demo.lab import free_port
+
+from ..sockets import listening
+from xdpwatch.kafka.config import (SECRET_PROPERTIES, KafkaConfigError, env_name, from_environ, is_secret,
                                    parse_properties, read_properties, resolve)
 
 XDPWATCH = [sys.executable, "-m", "xdpwatch"]

@@ -225,3 +225,48 @@ def test_the_alert_command_refuses_a_link_in_one_line(tmp_path, victim, option):
     assert r.stderr.strip().splitlines() == [
         f"xdpwatch: error: cannot open {what} {link}: it is a symbolic link (never followed): give the real path"]
     assert untouched(victim)
+
+
+# ---------------------------------------------------------------- produce --summary-file
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077])
+def test_the_producer_summary_is_0600_whole_and_replaces_a_link(tmp_path, victim, mask):
+    """finish() writes --summary-file 0600 whatever the umask, through a new file renamed
+    over the old one: a link planted at its name is replaced, its target left alone."""
+    from xdpwatch.producer.pipeline import RunSummary, finish
+
+    summary = tmp_path / "summary.json"
+    summary.symlink_to(victim)
+    options = type("Options", (), {"summary_file": summary, "spool_dir": tmp_path / "spool"})()
+    run = RunSummary(intervals=3, packets=10, flows_started=2)
+    run.delivery.produced = run.delivery.delivered = 7
+    with umask(mask):
+        finish(run, options)
+    assert not summary.is_symlink() and stat.S_IMODE(summary.stat().st_mode) == 0o600
+    assert victim.read_bytes() == b"precious\n"
+    import json
+
+    assert json.loads(summary.read_text()) == {
+        "packets": 10, "ssh_flows": 2, "flows_evicted": 0, "ringbuf_drops": 0, "intervals": 3,
+        "events": {"produced": 7, "delivered": 7, "failed": 0, "undelivered": 0, "spooled": 0, "dropped": 0,
+                   "already_in_kafka": 0}}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_the_producer_summary_is_written_when_events_were_lost(tmp_path):
+    """Exit 3 (DeliveryError) after the summary says what was lost."""
+    from xdpwatch.producer.errors import DeliveryError
+    from xdpwatch.producer.pipeline import RunSummary, finish
+
+    options = type("Options", (), {"summary_file": tmp_path / "s.json", "spool_dir": tmp_path / "spool"})()
+    run = RunSummary()
+    run.delivery.produced, run.delivery.delivered, run.delivery.failed = 5, 3, 2
+    with pytest.raises(DeliveryError, match="2 of 5 events were not delivered"):
+        finish(run, options)
+    assert '"failed": 2' in (tmp_path / "s.json").read_text()
+
+
+def test_a_summary_file_in_a_missing_directory_is_refused_before_anything_starts(tmp_path):
+    r = subprocess.run([XDPWATCH, "produce", "--iface", "lo", "--output", "stdout",
+                        "--summary-file", str(tmp_path / "nowhere" / "s.json")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"xdpwatch: error: --summary-file {tmp_path / 'nowhere' / 's.json'}: its directory does not exist")

@@ -18,7 +18,7 @@ import zstandard
 from xdpwatch import schemas
 from xdpwatch.consumers.archive import Archiver, segment_name
 from xdpwatch.consumers.base import Event
-from xdpwatch.consumers.replay import Filters, ReplayStats, parse_time, replay, select_inputs
+from xdpwatch.consumers.replay import Filters, ReplayStats, replay, select_inputs
 
 XDPWATCH = str(Path(sys.executable).with_name("xdpwatch"))
 T0 = dt.datetime(2026, 11, 25, 10, 0, tzinfo=dt.timezone.utc)
@@ -195,14 +195,6 @@ def test_speed_keeps_original_gaps_divided_by_speed(archive):
     replay(select_inputs(directory, [], stats), Filters(), lambda *a: emitted.append(now[0]), 0, stats,
            sleep=sleep, clock=lambda: now[0])
     assert len(set(emitted)) == 1  # speed 0: no waiting at all
-
-
-def test_parse_time():
-    assert parse_time("2026-11-25T10:00:03Z") == T0 + dt.timedelta(seconds=3)
-    assert parse_time("2026-11-25") == T0 - dt.timedelta(hours=10)
-    assert parse_time("2026-11-25T11:00:00+01:00") == T0
-    with pytest.raises(ValueError):
-        parse_time("now-1h")
 
 
 def test_archive_directory_is_locked_and_checked(tmp_path):

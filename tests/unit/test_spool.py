@@ -158,7 +158,8 @@ def dead_end_exporter(spool: Spool | None, queue: int = 5) -> KafkaExporter:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ex = KafkaExporter(f"127.0.0.1:{port}", "xdpwatch", {"queue.buffering.max.messages": str(queue), "log_level": "0"})
+    ex = KafkaExporter({"bootstrap.servers": f"127.0.0.1:{port}", "queue.buffering.max.messages": str(queue),
+                        "log_level": "0"}, "xdpwatch")
     if spool is not None:
         ex.use_spool(spool)
     return ex

@@ -1,4 +1,10 @@
-"""librdkafka settings of every command that talks to Kafka, from three places, each
+"""Kafka clients and their settings.
+
+`client` makes every confluent-kafka client of xdpwatch: its log goes through the
+`librdkafka` logger (formatted and redacted like every log line), and a setting librdkafka
+refuses is one KafkaConfigError.
+
+The librdkafka settings of every command that talks to Kafka come from three places, each
 overriding the one before:
 
 1. `--kafka-config FILE`: a properties file like kcat's `-F` (`key=value` lines, `#`
@@ -17,10 +23,14 @@ them. Errors never quote a value or a line of the file (it may be a secret)."""
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from xdpwatch.errors import KafkaConfigError
 
 ENV_PREFIX = "XDPWATCH_KAFKA_"
 FILE_ENVVAR = "XDPWATCH_KAFKA_CONFIG"
@@ -30,6 +40,23 @@ MAX_FILE_BYTES = 1 << 20
 # user name and file paths, plus the Java client's sasl.jaas.config, which librdkafka
 # refuses but users paste). Any other key containing password, secret or passphrase
 # counts too, so a property added later is covered.
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+
+
+def client(kind, conf: dict, errors: collections.deque | None = None):
+    """A confluent-kafka `kind` (Producer, Consumer, AdminClient) on `conf`; the errors it
+    reports are appended to `errors` when given (admin.reach quotes them). A setting
+    librdkafka refuses raises KafkaConfigError."""
+    from confluent_kafka import KafkaException
+
+    if errors is not None:
+        conf = {**conf, "error_cb": errors.append}
+    try:
+        return kind(conf, logger=LIBRDKAFKA_LOG)
+    except KafkaException as e:
+        raise KafkaConfigError(f"invalid Kafka setting: {e.args[0].str()}") from None
+
+
 SECRET_PROPERTIES = frozenset({
     "sasl.password",
     "sasl.jaas.config",
@@ -44,12 +71,6 @@ SECRET_PROPERTIES = frozenset({
 })
 _SECRET_WORDS = ("password", "secret", "passphrase")
 _BROKER_LIST = ("bootstrap.servers", "metadata.broker.list")
-
-
-class KafkaConfigError(Exception):
-    """A Kafka settings file or variable that cannot be used; the CLI exits 1."""
-
-    exit_code = 1
 
 
 def is_secret(key: str) -> bool:

@@ -15,24 +15,21 @@ if a demo made it (see `prepare_workdir`).
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
-from . import schemas
-from .lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for
+from xdpwatch import schemas
+from xdpwatch.demo.lab import Broker, LabError, Net, Sshd, free_port, scrape, sh, wait_for
+from xdpwatch.demo.view import DEMO_STREAMS, View, read_topics, render
+from xdpwatch.errors import XdpwatchError
 
 DEMO_NET = 0  # names xw0-*, xwc0, xwbr0; subnet 198.18.0.0/24 (tests use 1-250)
 BRUTE_FORCE_ATTEMPTS = 15
@@ -46,8 +43,8 @@ min_rate = 1000.0
 """
 
 
-class DemoError(Exception):
-    exit_code = 1
+class DemoError(XdpwatchError):
+    """The demo cannot run, or a part of it failed."""
 
 
 MARKER = ".xdpwatch-demo"  # in every directory a demo made: the next demo may empty it
@@ -107,133 +104,6 @@ def metric_sum(m: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in m.items() if k.startswith(prefix))
 
 
-# ------------------------------------------------------------------------------ live state
-@dataclass
-class View:
-    """What the demo has read back from Kafka, for the live view and the summary."""
-
-    started: float = field(default_factory=time.monotonic)
-    messages: collections.Counter = field(default_factory=collections.Counter)  # per topic
-    packets: collections.Counter = field(default_factory=collections.Counter)   # totals per class
-    rate: dict[str, float] = field(default_factory=dict)                        # last interval, per second
-    peak_pps: float = 0.0
-    flows_started: int = 0
-    flows_ended: collections.Counter = field(default_factory=collections.Counter)  # by reason
-    drops: int = 0
-    alerts: list[dict] = field(default_factory=list)
-    delivery: dict[str, float] = field(default_factory=dict)
-    phase: str = "starting"
-    reader_error: str | None = None  # the topic reader died: the demo must not go on blind
-
-    def add(self, topic: str, doc: dict) -> None:
-        self.messages[topic] += 1
-        stream = schemas.stream_of(topic)
-        if stream == "packet-counts":
-            secs = max(doc["interval"]["duration_ms"] / 1000, 1e-3)
-            self.packets.update(doc["packets"])
-            self.rate = {k: v / secs for k, v in doc["packets"].items()}
-            self.peak_pps = max(self.peak_pps, self.rate["total"])
-            self.drops += doc["drops"]["ringbuf"]
-        elif stream == "ssh-flows":
-            action = doc["event"]["action"]
-            if action == "flow_start":
-                self.flows_started += 1
-            elif action == "flow_end":
-                self.flows_ended[doc["event"]["reason"]] += 1
-        elif stream == "alerts":
-            self.alerts.append(doc)
-
-
-# What the demo's components write (it runs monitor-only: no control or enforcement topics).
-DEMO_STREAMS = ("packet-counts", "ssh-flows", "alerts")
-
-
-def read_topics(bootstrap: str, topics: list[str], view: View, stop: threading.Event) -> None:
-    """Every message of `topics` from the beginning into `view` (assign, no group)."""
-    from confluent_kafka import Consumer
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "xdpwatch-demo-view", "enable.auto.commit": False})
-    try:
-        _read_into(c, topics, view, stop)
-    except Exception as e:  # noqa: BLE001 (reported by the main thread)
-        view.reader_error = f"reading {', '.join(topics)} failed: {e}"
-    finally:
-        c.close()
-
-
-def _read_into(c, topics: list[str], view: View, stop: threading.Event) -> None:
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-    meta = wait_for(lambda: (m := c.list_topics(timeout=5)) and all(t in m.topics for t in topics) and m,
-                    60, "the demo topics")
-    c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta.topics[t].partitions])
-    while not stop.is_set():
-        for m in c.consume(500, 0.2):
-            if m.error() is None:
-                view.add(m.topic(), orjson.loads(m.value()))
-
-
-def render(view: View, duration: float):
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-
-    elapsed = time.monotonic() - view.started
-    t = Table(title=f"xdpwatch demo — {elapsed:4.0f}/{duration:.0f} s — {view.phase}", expand=True)
-    t.add_column("packets/s by class", justify="left")
-    for name in ("total", "ipv4", "tcp", "udp", "icmp", "arp", "ssh", "malformed"):
-        t.add_column(name, justify="right")
-    t.add_row("last interval", *(f"{view.rate.get(n, 0):,.0f}" for n in
-                                 ("total", "ipv4", "tcp", "udp", "icmp", "arp", "ssh", "malformed")))
-    t.add_row("total packets", *(f"{view.packets.get(n, 0):,}" for n in
-                                 ("total", "ipv4", "tcp", "udp", "icmp", "arp", "ssh", "malformed")))
-    d = view.delivery
-    stats = (f"SSH flows opened {view.flows_started}, closed {sum(view.flows_ended.values())} "
-             f"({', '.join(f'{k} {v}' for k, v in sorted(view.flows_ended.items())) or '-'}) · "
-             f"kernel drops {view.drops} · producer: produced {d.get('produced', 0):.0f}, "
-             f"delivered {d.get('delivered', 0):.0f}, failed {d.get('failed', 0):.0f}")
-    alerts = Table(expand=True, show_edge=False)
-    for col in ("time", "rule", "source", "message"):
-        alerts.add_column(col)
-    for a in view.alerts[-6:]:
-        alerts.add_row(a["@timestamp"][11:19], a["rule"]["name"], a.get("source", {}).get("ip", "-"), a["message"])
-    return Group(t, Panel(stats), Panel(alerts if view.alerts else "no alerts yet", title="alerts"))
-
-
-# ------------------------------------------------------------------------------ traffic
-def traffic_main(dst: str, duration: float, spike_at: float, spike_packets: int) -> None:
-    """Background UDP, TCP and ICMP from the client namespace to the server, plus one UDP
-    burst at `spike_at`. Bounded: stops after `duration` s; the burst is `spike_packets`
-    datagrams, at most 3 s. Only ever sends to `dst` (the lab's server namespace)."""
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    echo = bytes.fromhex("0800f7ff00000000")  # type 8, checksum for an all-zero id/seq
-    start = time.monotonic()
-    rng = random.Random(1)
-    tick = spiked = 0
-    while (now := time.monotonic() - start) < duration:
-        for _ in range(rng.randint(3, 7)):
-            udp.sendto(b"x" * rng.randint(20, 400), (dst, 5000 + rng.randint(0, 4)))
-        if tick % 2 == 0:
-            icmp.sendto(echo, (dst, 0))
-        if tick % 5 == 0:
-            with socket.socket() as tcp:  # to a closed port: SYN, RST back
-                tcp.settimeout(0.3)
-                try:
-                    tcp.connect((dst, 80))
-                except OSError:
-                    pass
-        if not spiked and now >= spike_at:
-            spiked = 1
-            end = time.monotonic() + 3
-            for i in range(spike_packets):
-                udp.sendto(b"spike", (dst, 5005))
-                if i % 1000 == 0 and time.monotonic() > end:
-                    break
-        tick += 1
-        time.sleep(0.1)
-
-
 # ------------------------------------------------------------------------------ the demo
 @dataclass
 class Demo:
@@ -290,7 +160,8 @@ class Demo:
         procs["produce"] = Proc("produce", xdpwatch("produce", "--iface", net.iface, *bs, "--interval", "1",
                                                     "--flow-idle-timeout", "10", "--flow-fin-linger", "0.5",
                                                     "--metrics-port", str(prod_port),
-                                                    "--spool-dir", str(self.workdir / "spool")), logs)
+                                                    "--spool-dir", str(self.workdir / "spool"),
+                                                    "--summary-file", str(logs / "produce.summary.json")), logs)
         wait_for(lambda: self._alive(procs["produce"]) and "attached XDP program" in procs["produce"].log(),
                  60, "the producer to attach")
         say(f"producer attached to {net.iface} (metrics on :{prod_port})")
@@ -310,7 +181,7 @@ class Demo:
 
         d = self.duration
         brute_at, spike_at = 0.35 * d, 0.65 * d
-        procs["traffic"] = Proc("traffic", [sys.executable, "-m", "xdpwatch.demo", "traffic", net.srv_ip, str(d),
+        procs["traffic"] = Proc("traffic", [sys.executable, "-m", "xdpwatch.demo.traffic", net.srv_ip, str(d),
                                             str(spike_at), "30000"], logs, prefix=["ip", "netns", "exec", net.cli_ns])
         ssh_thread = threading.Thread(target=self._ssh_activity, args=(net, sshd, view, brute_at, stop), daemon=True)
         ssh_thread.start()
@@ -322,7 +193,7 @@ class Demo:
         view.phase = "stopping: producer (last interval, open flows end)"
         procs["traffic"].stop(signal.SIGKILL)
         rc = procs["produce"].stop()
-        view.delivery = self._delivery(procs["produce"])
+        view.delivery = self._delivery(logs / "produce.summary.json")
         view.phase = "stopping: consumers finish reading"
         expected = lambda: sum(view.messages.values())  # noqa: E731
         for name, port, streams in (("alert", alert_port, ("packet-counts", "ssh-flows")),
@@ -404,15 +275,16 @@ class Demo:
         return p.proc.poll() is None
 
     @staticmethod
-    def _delivery(p: Proc) -> dict:
-        for line in reversed(p.log().splitlines()):
-            if "events produced" in line:
-                words = line.replace(",", "").split()
-                return {k: int(words[words.index(k) + 1]) for k in ("produced", "delivered", "failed")}
-        return {}
+    def _delivery(summary_file: Path) -> dict:
+        """What the producer's --summary-file says it produced, delivered, failed ({} if none)."""
+        try:
+            events = json.loads(summary_file.read_text())["events"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        return {k: events[k] for k in ("produced", "delivered", "failed")}
 
     def _summary(self, view: View, messages: int) -> dict:
-        from .consumers.archive import list_segments
+        from xdpwatch.consumers.archive import list_segments
 
         segs = list_segments(self.workdir / "archive") if (self.workdir / "archive").exists() else []
         return {
@@ -469,6 +341,3 @@ def print_summary(s: dict) -> None:
     else:
         print("cleaned up: no namespace, interface, XDP program or process left behind")
 
-
-if __name__ == "__main__" and sys.argv[1:2] == ["traffic"]:
-    traffic_main(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))

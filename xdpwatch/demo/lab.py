@@ -1,6 +1,6 @@
-"""Real components on one machine, for `xdpwatch demo` and the end-to-end tests: the
-embedded Kafka-protocol broker (Tansu), a network of namespaces joined by a bridge (with the
-XDP interface in between), and an OpenSSH server. Everything created here is ours (named
+"""Real components on one machine, for `xdpwatch demo` and the end-to-end tests (which add
+what only they need: tests/e2e/env.py): the embedded Kafka-protocol broker (Tansu), a network
+of namespaces joined by a bridge (with the XDP interface in between), and an OpenSSH server. Everything created here is ours (named
 xw<N>…, addresses in 198.18.0.0/15, the benchmarking range) and removed by `cleanup`/`stop`.
 A missing prerequisite raises LabError saying to run `make setup`."""
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,13 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from xdpwatch.errors import XdpwatchError
+
 VENV_BIN = Path(sys.executable).parent
 TANSU = VENV_BIN / "tansu"
 
 
-class LabError(AssertionError):
-    """A prerequisite is missing or a component did not start (an AssertionError, so that
-    tests fail loudly with it)."""
+class LabError(XdpwatchError):
+    """A prerequisite is missing, or a component did not start or answer in time."""
 
 
 def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -49,18 +49,15 @@ def scrape(port: int) -> dict[str, float]:
             (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}
 
 
-def listening(port: int) -> set[str]:
-    """The local addresses where a TCP socket listens on `port`, IPv4 and IPv6, in this
-    network namespace (from /proc/net/tcp and tcp6)."""
-    found = set()
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            addr, hexport = fields[1].split(":")
-            if fields[3] == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
-                raw = bytes.fromhex(addr)  # 32-bit words in host (little-endian) order
-                found.add(socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))))
-    return found
+def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End `proc`: SIGTERM, then SIGKILL if it is still there after `timeout` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -76,63 +73,37 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 
 # ---------------------------------------------------------------------------- broker
 class Broker:
-    """Tansu on a free loopback port. In memory by default; with `durable`, its storage is
-    an S3 bucket served by a local moto server, so the broker process can be killed or
-    stopped (`kill`, `stop_process`) and started again (`start`) on the same port with its
-    topics, records and producer state intact. With `value_schemas`, it validates every
-    record's value against the JSON Schema of its topic and refuses invalid ones."""
+    """Tansu on a loopback port (`port`, or a free one), its storage in memory: the demo's
+    broker. The tests' (tests/e2e/env.py TestBroker) outlives its process and validates
+    records; it changes `options`."""
 
-    def __init__(self, value_schemas: dict[str, dict] | None = None, durable: bool = False,
-                 advertise: int | None = None, port: int | None = None):
-        """`advertise`: the port clients are told to use (a proxy in front), if not ours;
-        `port`: ours, if chosen already (the proxy's target)."""
+    def __init__(self, port: int | None = None):
         if not TANSU.exists():
             raise LabError(f"{TANSU} missing: run `make setup`")
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="xw-broker-"))
-        self.argv = [str(TANSU), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
-                     "--advertised-listener-url", f"tcp://127.0.0.1:{advertise or self.port}"]
-        if value_schemas:
-            registry = self.dir / "registry"
-            registry.mkdir()
-            for topic, schema in value_schemas.items():
-                record = {"type": "object", "properties": {"value": schema}}
-                (registry / f"{topic}.json").write_text(json.dumps(record))
-            self.argv += ["--schema-registry", "file://./registry"]  # relative: absolute is misread
         self.env = {k: v for k, v in os.environ.items() if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL")}
-        self.s3 = None
-        if durable:
-            self.s3 = S3Server(self.dir)
-            self.argv += ["--storage-engine", "s3://tansu/"]
-            self.env.update(self.s3.client_env())
-        else:
-            self.argv += ["--storage-engine", "memory://tansu/"]
+        self.argv = [str(TANSU), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}", *self.options()]
         self.log = open(self.dir / "broker.log", "ab")
         self.start()
+
+    def options(self) -> list[str]:
+        """Tansu's options after its listener: where clients are told to connect, its storage."""
+        return ["--advertised-listener-url", f"tcp://127.0.0.1:{self.port}", "--storage-engine", "memory://tansu/"]
 
     def start(self) -> None:
         """(Re)start the broker process on its port."""
         self.proc = subprocess.Popen(self.argv, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         try:
             wait_for(self._ready, 20, f"the broker on {self.bootstrap}")
-        except AssertionError:
+        except LabError:
             self.stop()
             raise LabError(f"broker did not start:\n{(self.dir / 'broker.log').read_text()[-3000:]}")
 
-    def kill(self) -> None:
-        """SIGKILL the broker process: a crash, as its clients see it."""
-        self.proc.kill()
-        self.proc.wait()
-
     def stop_process(self) -> None:
-        """Stop the broker process (SIGTERM), keeping its storage for `start`."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """Stop the broker process: SIGTERM, SIGKILL after 5 s."""
+        terminate(self.proc)
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -152,52 +123,8 @@ class Broker:
 
     def stop(self) -> None:
         self.stop_process()
-        if self.s3 is not None:
-            self.s3.stop()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class S3Server:
-    """moto's S3 server on a free loopback port with one bucket, `tansu`: storage for the
-    broker that outlives the broker's process."""
-
-    MOTO = VENV_BIN / "moto_server"
-
-    def __init__(self, workdir: Path):
-        if not self.MOTO.exists():
-            raise LabError(f"{self.MOTO} missing: run `make setup`")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / "s3.log", "wb")
-        self.proc = subprocess.Popen([str(self.MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._create_bucket, 20, f"the S3 server on {self.url}", interval=0.2)
-        except AssertionError:
-            self.stop()
-            raise
-
-    def client_env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT": self.url, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "xdpwatch",
-                "AWS_SECRET_ACCESS_KEY": "xdpwatch", "AWS_DEFAULT_REGION": "eu-west-2"}
-
-    def _create_bucket(self) -> bool:
-        if self.proc.poll() is not None:
-            raise LabError(f"moto_server exited {self.proc.returncode}:\n{Path(self.log.name).read_text()[-2000:]}")
-        import urllib.request
-
-        try:  # S3 CreateBucket: PUT /<bucket>
-            urllib.request.urlopen(urllib.request.Request(f"{self.url}/tansu", method="PUT"), timeout=2)
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait()
-        self.log.close()
 
 
 # ---------------------------------------------------------------------------- network
@@ -329,11 +256,5 @@ LogLevel VERBOSE
                 f"root@{self.net.srv_ip}", "true"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
