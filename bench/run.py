@@ -2,8 +2,12 @@
 baseline it is divided by. Prints a table, writes bench/results/latest.json (and a
 timestamped copy) and bench/results/scaling.png. Never asserts on speed.
 
-    sudo .venv/bin/python bench/run.py            # full run (~10 minutes, 5 of them the RSS run)
-    sudo .venv/bin/python bench/run.py --quick    # smoke run (seconds): every figure, small counts
+    sudo .venv/bin/python bench/run.py            # full run: each figure 3 times, the median and min-max
+    sudo .venv/bin/python bench/run.py --runs 5   # each figure 5 times
+    sudo .venv/bin/python bench/run.py --quick    # smoke run (about a minute): every figure once, small counts
+
+A ratio is taken within one run (figure and baseline measured side by side), then its median
+over the runs. Last, the targets (TARGETS): each is met only when its worst run meets it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from xdpwatch.demo.lab import Broker, Net, free_port, scrape, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
-from xdpwatch.producer.loader import BpfConfig, XdpProgram
+from xdpwatch.producer.loader import BPF_DIR, BpfConfig, XdpProgram
 from xdpwatch.producer.events import Clock
 from xdpwatch.producer.pipeline import Pipeline, ProduceConfig
 from xdpwatch.producer.spool import Spool
@@ -104,6 +108,12 @@ XDP_PACKETS = {
 }
 
 
+# The design floor of an SSH packet of a known flow (bench/floor.bpf.c): the real key and
+# value in an LRU hash of the real size, the two atomic adds, the cached coarse clock.
+FLOOR = "design floor: 40-byte key LRU lookup, 2 atomic adds, clock"
+FLOOR_SOURCE = Path(__file__).resolve().parent / "floor.bpf.c"
+
+
 def run_ns(fd: int, pkt: bytes, repeat: int) -> float:
     """ns per run of program `fd` on `pkt` (BPF_PROG_TEST_RUN), to a tenth: the kernel
     reports whole ns only, so this is the thread's CPU time, for `repeat` runs minus that for
@@ -129,11 +139,16 @@ def xdp_cost(quick: bool) -> dict:
     prog = XdpProgram(BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch)))
     prog.open_events(lambda ev: None)
     prog.test_run(tcp_frame(1, 40000, 22, SYN))  # the flow that ACKs below belong to
+    floor = BPF(src_file=str(FLOOR_SOURCE).encode(), cflags=[f"-I{BPF_DIR}", "-DFLOW_TABLE_SIZE=65536"])
+    floor_fd = floor.load_func(b"floor_prog", BPF.XDP).fd
+    known = XDP_PACKETS["SSH, packet of an existing flow"]
+    libbpf.prog_test_run(floor_fd, known)  # its first run inserts the flow; the timed runs find it
 
     def ns(fd: int, pkt: bytes, n: int) -> float:
         return statistics.median(run_ns(fd, pkt, n) for _ in range(rounds))
 
     out = {name: {"ns": ns(fd, udp_frame(), repeat)} for name, fd in fds.items()}
+    out[FLOOR] = {"ns": ns(floor_fd, known, repeat)}
     base = out["bare XDP_PASS"]["ns"]
     for name, pkt in XDP_PACKETS.items():
         if "new flow" in name:  # every repetition re-creates the flow (SYN after RST) and emits start + end
@@ -146,9 +161,13 @@ def xdp_cost(quick: bool) -> dict:
             out[name] = {"ns": ns(prog.fd, pkt, repeat)}
     for v in out.values():
         v["ratio_to_bare"] = round(v["ns"] / base, 2) if base else None
+    out["SSH, packet of an existing flow"]["ratio_to_floor"] = round(
+        out["SSH, packet of an existing flow"]["ns"] / out[FLOOR]["ns"], 2)
+    for v in out.values():
         v["ns"] = round(v["ns"], 1)
     out["_repeat"] = repeat
     prog.close()
+    floor.cleanup()
     bare.cleanup()
     return out
 
@@ -493,11 +512,21 @@ class ProducerUnderTest:
                                       "--spool-dir", self.spool.name, *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.arrived: list[float] = []  # the monotonic time each line of `log` was read
+        threading.Thread(target=self._read_log, daemon=True).start()
         wait_for(lambda: any("attached XDP program" in line for line in self.log) or self.proc.poll() is not None,
                  60, "the producer to attach")
         if self.proc.poll() is not None:
             raise RuntimeError("producer failed:\n" + "".join(self.log))
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.arrived.append(time.monotonic())
+            self.log.append(line)
+
+    def line_time(self, text: str) -> float | None:
+        """When the first stderr line containing `text` was read, if one was."""
+        return next((t for t, line in zip(self.arrived, self.log) if text in line), None)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -556,6 +585,116 @@ class TrafficSender:
         out = self.proc.stdout.read()
         self.proc.wait(600)
         return int(out or 0)
+
+
+# ----------------------------------------------------------------------------- 12. latency
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `xs`, nearest rank."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * len(xs) + 0.5) - 1))]
+
+
+def packet_to_kafka(broker: Broker, quick: bool) -> dict:
+    """From a packet on the veth to its flow_start acknowledged by Kafka, at a steady rate of
+    new flows: `xdpwatch produce` (its defaults) on the lab's veth, SYNs of distinct flows sent
+    from the client namespace at the rate, a consumer in this process on the flows topic.
+
+    Per flow_start: t0 = event.start, the XDP program's bpf_ktime_get_ns() on the SYN turned
+    into wall time by the producer (Clock: CLOCK_MONOTONIC + the CLOCK_REALTIME offset read at
+    start, to the microsecond); t1 = this process's time.time() when its consumer got the
+    message (fetch.wait.max.ms=5, polled without pause). t1 - t0 includes the consumer's fetch
+    after the acknowledgement: an upper bound of packet -> ack by a few ms at most."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    plan = ((1000, 1.0), (50_000, 0.2)) if quick else ((1000, 5.0), (50_000, 1.0))  # (flows/s, seconds)
+    prefix = f"bench-lat{time.monotonic_ns()}"
+    net = Net()
+    out = {}
+    try:
+        with ProducerUnderTest(net, broker, "--topic-prefix", prefix):
+            topic = f"{prefix}.ssh-flows"
+            wait_for(lambda: topic in Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "x"})
+                     .list_topics(timeout=5).topics, 30, "the producer's topics")
+            c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"{prefix}-lat",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+            parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+            c.assign([TopicPartition(topic, p, 0) for p in parts])
+            first = 0
+            for rate, seconds in ((100, 0.5), *plan):  # first a warm-up: connections, topic metadata
+                n = int(rate * seconds)
+                frames = [flow_syn(i) for i in range(first, first + n)]
+                first += n
+                got: list[tuple[float, bytes]] = []
+                starts = 0
+                sender = TrafficSender(net, *frames, pps=rate, seconds=seconds)
+                deadline = time.monotonic() + seconds + 60
+                while starts < n and time.monotonic() < deadline:
+                    batch = c.consume(1000, 0.05)
+                    now = time.time()
+                    values = [m.value() for m in batch if m.error() is None]
+                    got += [(now, v) for v in values]
+                    starts += sum(b'"flow_start"' in v for v in values)
+                sent = sender.wait()
+                if rate == 100:
+                    continue
+                lat = [1000 * (t - schemas.parse_time(d["event"]["start"]))
+                       for t, d in ((t, orjson.loads(v)) for t, v in got) if d["event"]["action"] == "flow_start"]
+                out[f"{rate}_per_s"] = {"flows": n, "frames_sent": sent, "flow_starts": len(lat),
+                                        "p50_ms": round(percentile(lat, 0.5), 1) if lat else None,
+                                        "p99_ms": round(percentile(lat, 0.99), 1) if lat else None,
+                                        "max_ms": round(max(lat), 1) if lat else None}
+            c.close()
+    finally:
+        net.cleanup()
+    return out
+
+
+BRUTE_FORCE_ALLOW = "10.0.0.0/8"  # the management network: never blocked; the lab's client is 198.18.N.2
+
+
+def bruteforce_to_block(broker: Broker, quick: bool) -> dict:
+    """From the last failed login of a brute force to the block in the kernel: a real sshd
+    in the lab's server namespace, `xdpwatch produce --enforce` (otherwise its defaults, the
+    2 s FIN linger included), `xdpwatch alert --block-on ssh_auth_failures` (the default rules:
+    5 refused logins from one source within 60 s) and the control topic between them.
+
+    t0 = time.monotonic() when the client (sshpass + ssh, in the client namespace) of the 5th
+    failed password login returned, refused; t1 = time.monotonic() when this process read the
+    producer's "blocking <source>/32 until" log line, which it writes right after putting the
+    source in the kernel's blocklist map. Before the attack, both consumers are consuming (the
+    alert consumer has handled packet-counts records, its group joined)."""
+    from xdpwatch.demo.lab import Sshd
+
+    prefix = f"bench-brute{time.monotonic_ns()}"
+    net = Net()
+    sshd = Sshd(net)
+    d = tempfile.mkdtemp(prefix="xw-bench-brute-")
+    try:
+        with ProducerUnderTest(net, broker, "--topic-prefix", prefix, "--enforce", "--allow", BRUTE_FORCE_ALLOW) as prod:
+            alert = AlertUnderTest(broker, prefix, f"{prefix}-alert", d, "--block-on", "ssh_auth_failures")
+            try:
+                wait_for(lambda: alert.metrics().get(alert.HANDLED, 0) > 0 or alert.proc.poll() is not None, 120,
+                         "the alert consumer to handle its first records")
+                marker = f"blocking {net.cli_ip}/32 until "
+                refused = 0
+                t0 = None
+                while refused < 5:
+                    r = net.exec(net.cli_ns, sshd.failed_login_cmd(connect_timeout=3), capture_output=True,
+                                 text=True, timeout=30)
+                    t0 = time.monotonic()
+                    if r.returncode != 255 or "denied" not in r.stderr:
+                        raise RuntimeError(f"a failed login did not fail as expected: {r.returncode} {r.stderr}")
+                    refused += 1
+                    if prod.line_time(marker) is not None:
+                        raise RuntimeError("blocked before the 5th refused login")
+                wait_for(lambda: prod.line_time(marker) is not None, 60, "the block")
+                t1 = prod.line_time(marker)
+            finally:
+                alert.stop()
+    finally:
+        sshd.stop()
+        net.cleanup()
+    return {"refused_logins": refused, "seconds": round(t1 - t0, 3), "fin_linger_s": 2.0}
 
 
 # ----------------------------------------------------------------------------- 4. archive, replay
@@ -636,7 +775,7 @@ class NullDeadLetter:
 
 # ----------------------------------------------------------------------------- 5. memory
 def memory(broker: Broker, quick: bool) -> dict:
-    seconds = 10 if quick else 300
+    seconds = 10 if quick else 120
     net = Net()
     samples = []
     try:
@@ -1080,10 +1219,97 @@ def machine() -> dict:
             "broker": "Tansu (embedded, in memory)"}
 
 
+# ----------------------------------------------------------------------------- runs, medians, targets
+class _Spread:
+    """A figure's median over the runs, formatted with their min-max when they differ:
+    f"{x:,}" -> "73,057 (70,112-75,900)"."""
+
+    lo: float
+    hi: float
+
+    def __format__(self, spec: str) -> str:
+        text = super().__format__(spec)
+        if self.lo == self.hi:
+            return text
+        base = type(self).__mro__[2]  # int or float: the bounds without a spread of their own
+        return f"{text} ({format(base(self.lo), spec)}-{format(base(self.hi), spec)})"
+
+
+class IntFigure(_Spread, int):
+    pass
+
+
+class FloatFigure(_Spread, float):
+    pass
+
+
+def figure(values: list[float]):
+    m = statistics.median(values)
+    x = IntFigure(m) if all(isinstance(v, int) for v in values) and m == int(m) else FloatFigure(m)
+    x.lo, x.hi = min(values), max(values)
+    return x
+
+
+def median_of(runs: list):
+    """The runs of one section as one result of the same shape: each number the median of
+    the runs' (with their min and max, see _Spread), everything else as the first run had it.
+    A ratio is taken within each run, then its median across the runs."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: median_of([r.get(k) for r in runs]) for k in first}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in runs):
+        return [median_of(list(col)) for col in zip(*runs)]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in runs):
+        return figure(runs) if len(runs) > 1 else first
+    return first
+
+
+# (what, section, path to the figure, "<=" or ">=", bound): met only if the worst run meets it
+TARGETS = [
+    ("UDP (not SSH) ÷ bare XDP_PASS", "xdp_cost", ("UDP, not SSH", "ratio_to_bare"), "<=", 1.5),
+    ("SSH known-flow packet ÷ design floor", "xdp_cost", ("SSH, packet of an existing flow", "ratio_to_floor"), "<=", 1.2),
+    ("flow events to Kafka ÷ bare confluent-kafka", "events_to_kafka", ("ratio_to_bare",), ">=", 0.5),
+    ("archiver ÷ bare consume-to-file", "archive_replay", ("ratio_to_bare",), ">=", 0.5),
+    ("alert consumer ÷ bare consume loop", "alert_vs_bare", ("ratio_to_bare",), ">=", 0.5),
+    ("alert consumer ÷ bare loop with validation", "alert_vs_bare", ("ratio_to_bare_validated",), ">=", 0.5),
+    ("producer RSS growth after warm-up, %", "memory", ("growth_after_warmup_pct",), "<=", 10.0),
+    ("packet -> flow_start acked, p99 at 1,000/s, ms", "packet_to_kafka", ("1000_per_s", "p99_ms"), "<=", 50.0),
+    ("last failed login -> block in the kernel, s", "bruteforce_to_block", ("seconds",), "<=", 2.0),
+]
+
+
+def targets(runs: dict[str, list[dict]]) -> list[dict]:
+    """Each target against every run of its section: the worst run, the median, met or not."""
+    out = []
+    for what, section, path, op, bound in TARGETS:
+        values = []
+        for r in runs.get(section, []):
+            for k in path:
+                r = r.get(k) if isinstance(r, dict) else None
+            if r is not None:
+                values.append(r)
+        worst = (max if op == "<=" else min)(values) if values else None
+        met = worst is not None and (worst <= bound if op == "<=" else worst >= bound)
+        out.append({"target": f"{what} {op} {bound:g}", "runs": len(values), "worst_run": worst,
+                    "median": statistics.median(values) if values else None, "met": met})
+    return out
+
+
+def targets_table(ts: list[dict]) -> str:
+    rows = [("Targets (met only when the worst run meets it)", "worst run", "median", "")]
+    rows += [(f"   {t['target']}", f"{t['worst_run']:g}" if t["worst_run"] is not None else "-",
+              f"{t['median']:g}" if t["median"] is not None else "-", "met" if t["met"] else "NOT MET")
+             for t in ts]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows)
+
+
 def table(r: dict) -> str:
     x, e, c, a, m = r["xdp_cost"], r["events_to_kafka"], r["counters"], r["archive_replay"], r["memory"]
     rows = [("1. XDP cost per packet", "ns", "÷ bare XDP_PASS")]
-    rows += [(f"   {k}", f"{v['ns']:.1f}", f"{v['ratio_to_bare']:.2f}×") for k, v in x.items() if not k.startswith("_")]
+    rows += [(f"   {k}", f"{v['ns']:.1f}", f"{v['ratio_to_bare']:.2f}×"
+              + (f"; ÷ floor {v['ratio_to_floor']:.2f}×" if "ratio_to_floor" in v else ""))
+             for k, v in x.items() if not k.startswith("_")]
     rows += [("2. Flow events to Kafka (acked)", "events/s", "ratio"),
              ("   xdpwatch producer code", f"{e['xdpwatch']['events_per_s']:,}", ""),
              ("   bare confluent-kafka, same lines", f"{e['bare_confluent_kafka']['events_per_s']:,}",
@@ -1146,6 +1372,14 @@ def table(r: dict) -> str:
               f"({ar['alerts_first_run']:.0f} raised), {ar['alerts_published_again']:.0f} published again"),
              ("   process start to the rebuild log line", f"{ar['start_to_rebuild_line_s']}",
               "start-up, group join, rebuild")]
+    pk, bf = r["packet_to_kafka"], r["bruteforce_to_block"]
+    rows += [("12. Latency", "p50 / p99 ms", "")]
+    rows += [(f"   packet on the veth -> flow_start acked, {k.split('_')[0]}/s new flows",
+              f"{v['p50_ms']:.1f} / {v['p99_ms']:.1f}",
+              f"max {v['max_ms']:.1f} ms; {v['flow_starts']:,} of {v['flows']:,} flow_starts")
+             for k, v in pk.items()]
+    rows += [("   last failed login -> block in the kernel", f"{bf['seconds']:.3f} s",
+              f"{bf['refused_logins']} refused logins, producer's FIN linger {bf['fin_linger_s']} s")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -1156,7 +1390,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: small counts, every figure")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--restore-child", nargs=2, metavar=("BOOTSTRAP", "TOPIC"), help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=None,
+                    help="runs of each figure, the median printed with min-max (default 3; 1 with --quick)")
     args = ap.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
     if args.restore_child:
         print(orjson.dumps(restore_child(*args.restore_child)).decode())
         return 0
@@ -1165,7 +1402,8 @@ def main() -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-              "machine": machine()}
+              "runs": runs, "machine": machine()}
+    every: dict[str, list[dict]] = {}
     broker = Broker()
     try:
         for name, fn in (("xdp_cost", lambda: xdp_cost(args.quick)),
@@ -1178,19 +1416,26 @@ def main() -> int:
                          ("alert_state", lambda: alert_sources(broker, args.quick)),
                          ("spool_check", lambda: spool_check(broker, args.quick)),
                          ("alert_vs_bare", lambda: alert_vs_bare(broker, args.quick)),
-                         ("alert_restart", lambda: alert_restart(broker, args.quick))):
+                         ("alert_restart", lambda: alert_restart(broker, args.quick)),
+                         ("packet_to_kafka", lambda: packet_to_kafka(broker, args.quick)),
+                         ("bruteforce_to_block", lambda: bruteforce_to_block(broker, args.quick))):
             t0 = time.monotonic()
-            print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            result[name] = fn()
+            every[name] = []
+            for i in range(runs):
+                print(f"bench: {name} run {i + 1} of {runs} ...", file=sys.stderr, flush=True)
+                every[name].append(fn())
+            result[name] = median_of(every[name])
             print(f"bench: {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         broker.stop()
+    result["targets"] = targets(every)
+    result["every_run"] = every
     plot(result["scaling"], args.out / "scaling.png")
-    text = table(result)
+    text = table(result) + "\n\n" + targets_table(result["targets"])
     print(text)
     stamp = result["when"].replace(":", "").replace("-", "")
     for name in ("latest.json", f"{'quick-' if args.quick else ''}{stamp}.json"):
-        (args.out / name).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        (args.out / name).write_bytes(orjson.dumps(result, default=float, option=orjson.OPT_INDENT_2))
     (args.out / "latest.txt").write_text(text + "\n")
     print(f"\nresults: {args.out / 'latest.json'}, plot: {args.out / 'scaling.png'}", file=sys.stderr)
     return 0
