@@ -31,6 +31,7 @@ class Run:
     verdict: int
     memory: dict[int, bytearray] = field(repr=False)
     has_flow: bool = False
+    trace: list[int] = field(default_factory=list, repr=False)  # the index of each instruction run
 
     def state(self) -> tuple:
         """What the run left behind: verdict, counters, ring-buffer record, flow value, frame."""
@@ -124,7 +125,9 @@ def run(code: bytes, maps: dict[int, str], frame: bytes, flow: bytes | None = No
     r[1], r[10] = CTX, STACK + SIZES[STACK]
     pc = n = 0
     helpers: list[int] = []
+    trace: list[int] = []
     while True:
+        trace.append(pc)
         op, regs, off, imm = insns[pc]
         dst, src, cls = regs & 15, regs >> 4, op & 7
         n += 1
@@ -142,7 +145,7 @@ def run(code: bytes, maps: dict[int, str], frame: bytes, flow: bytes | None = No
             helpers.append(imm)
             r[0] = m.helper(imm, r)
         elif cls in (5, 6) and op & 0xf0 == 0x90:  # exit
-            return Run(n, helpers, r[0], m.mem, m.has_flow)
+            return Run(n, helpers, r[0], m.mem, m.has_flow, trace)
         elif cls in (5, 6):  # JMP, JMP32
             bits = 32 if cls == 6 else 64
             mask = (1 << bits) - 1

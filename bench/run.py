@@ -13,6 +13,7 @@ over the runs. Last, the targets (TARGETS): each is met only when its worst run 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import ctypes as ct
 import datetime as dt
@@ -556,18 +557,19 @@ SENDER = r"""
 import socket, sys, time
 frames = [bytes.fromhex(h) for h in sys.stdin.read().split(",")]
 pps, seconds = float(sys.argv[1]), float(sys.argv[2])
+once = len(sys.argv) > 3  # each frame once, however long that takes
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("eth0", 0))
 batch = max(1, int(pps / 100))
 start, sent = time.monotonic(), 0
-while (now := time.monotonic() - start) < seconds:
-    for i in range(batch):
+while (sent < len(frames)) if once else (time.monotonic() - start < seconds):
+    for i in range(min(batch, len(frames) - sent) if once else batch):
         s.send(frames[(sent + i) % len(frames)])
     sent += batch
     ahead = sent / pps - (time.monotonic() - start)
     if ahead > 0:
         time.sleep(ahead)
-print(sent)
+print(min(sent, len(frames)) if once else sent, time.monotonic() - start)
 """
 
 
@@ -575,16 +577,22 @@ class TrafficSender:
     """Frames at a bounded rate for a bounded time, from the lab's client namespace to the
     bridge (dropped there: the destination MAC is nobody's)."""
 
-    def __init__(self, net: Net, *frames: bytes, pps: float, seconds: float):
+    def __init__(self, net: Net, *frames: bytes, pps: float, seconds: float = 0.0, once: bool = False):
+        """`once`: each frame once, then stop (`seconds` is not used); otherwise the frames
+        over and over for `seconds`."""
         self.proc = subprocess.Popen(["ip", "netns", "exec", net.cli_ns, sys.executable, "-c", SENDER,
-                                      str(pps), str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      str(pps), str(seconds), *(["once"] if once else [])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.proc.stdin.write(",".join(f.hex() for f in frames))
         self.proc.stdin.close()
+        self.seconds = 0.0  # how long sending took
 
     def wait(self) -> int:
-        out = self.proc.stdout.read()
+        """The frames sent."""
+        out = self.proc.stdout.read().split()
         self.proc.wait(600)
-        return int(out or 0)
+        self.seconds = float(out[1]) if len(out) > 1 else 0.0
+        return int(out[0]) if out else 0
 
 
 # ----------------------------------------------------------------------------- 12. latency
@@ -594,56 +602,85 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * len(xs) + 0.5) - 1))]
 
 
+class AckTimedExporter(KafkaExporter):
+    """The producer's exporter, also told of every acknowledgement (delivery.report.only.error
+    off: one more Python callback per event): `acked` gets (time.time(), value) for each."""
+
+    def __init__(self, bootstrap: str, prefix: str):
+        super().__init__({"bootstrap.servers": bootstrap, "delivery.report.only.error": False}, prefix)
+        self.acked: collections.deque[tuple[float, bytes]] = collections.deque()
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is None:
+            self.acked.append((time.time(), msg.value()))
+        else:
+            super()._on_delivery(err, msg)
+
+
+def flow_index(doc: dict) -> int:
+    """The i of flow_syn(i) that opened the flow of `doc`."""
+    a = [int(x) for x in doc["source"]["ip"].split(".")]
+    return ((a[1] << 16 | a[2] << 8 | a[3]) - 1) * 60000 + doc["source"]["port"] - 1024
+
+
 def packet_to_kafka(broker: Broker, quick: bool) -> dict:
     """From a packet on the veth to its flow_start acknowledged by Kafka, at a steady rate of
-    new flows: `xdpwatch produce` (its defaults) on the lab's veth, SYNs of distinct flows sent
-    from the client namespace at the rate, a consumer in this process on the flows topic.
+    new flows: the producer's run loop (Pipeline, its defaults; in this process, so that its
+    acknowledgements can be timed) attached to the lab's veth, SYNs of distinct flows sent from
+    the client namespace at the rate.
 
-    Per flow_start: t0 = event.start, the XDP program's bpf_ktime_get_ns() on the SYN turned
-    into wall time by the producer (Clock: CLOCK_MONOTONIC + the CLOCK_REALTIME offset read at
-    start, to the microsecond); t1 = this process's time.time() when its consumer got the
-    message (fetch.wait.max.ms=5, polled without pause). t1 - t0 includes the consumer's fetch
-    after the acknowledgement: an upper bound of packet -> ack by a few ms at most."""
-    from confluent_kafka import Consumer, TopicPartition
-
+    Per flow_start: t0 = event.start, the XDP program's bpf_ktime_get_ns() on the SYN, turned
+    into wall time by the producer (Clock: CLOCK_MONOTONIC plus the CLOCK_REALTIME offset read
+    at start, to the microsecond); t1 = time.time() in the producer's delivery report for it
+    (acks=all), served by its run loop (the ring-buffer wait ends with the next event: the
+    flows sent after the measured ones keep it short to the end)."""
     plan = ((1000, 1.0), (50_000, 0.2)) if quick else ((1000, 5.0), (50_000, 1.0))  # (flows/s, seconds)
     prefix = f"bench-lat{time.monotonic_ns()}"
     net = Net()
     out = {}
     try:
-        with ProducerUnderTest(net, broker, "--topic-prefix", prefix):
-            topic = f"{prefix}.ssh-flows"
-            wait_for(lambda: topic in Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "x"})
-                     .list_topics(timeout=5).topics, 30, "the producer's topics")
-            c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"{prefix}-lat",
-                          "enable.auto.commit": False, "fetch.wait.max.ms": 5})
-            parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-            c.assign([TopicPartition(topic, p, 0) for p in parts])
+        prog = XdpProgram(BpfConfig(ssh_ports=(22,)))
+        exporter = AckTimedExporter(broker.bootstrap, prefix)
+        exporter.ensure_topics(3, 1)
+        run = Pipeline(ProduceConfig(iface=net.iface), prog, exporter)
+        stop = threading.Event()
+        loop = threading.Thread(target=run.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            wait_for(lambda: "xdp" in sh("ip", "link", "show", "dev", net.iface).stdout or not loop.is_alive(), 60,
+                     "the program to attach")
             first = 0
             for rate, seconds in ((100, 0.5), *plan):  # first a warm-up: connections, topic metadata
-                n = int(rate * seconds)
-                frames = [flow_syn(i) for i in range(first, first + n)]
-                first += n
-                got: list[tuple[float, bytes]] = []
-                starts = 0
-                sender = TrafficSender(net, *frames, pps=rate, seconds=seconds)
-                deadline = time.monotonic() + seconds + 60
-                while starts < n and time.monotonic() < deadline:
-                    batch = c.consume(1000, 0.05)
-                    now = time.time()
-                    values = [m.value() for m in batch if m.error() is None]
-                    got += [(now, v) for v in values]
-                    starts += sum(b'"flow_start"' in v for v in values)
+                n, tail = int(rate * seconds), int(rate * 0.1)  # flows measured; flows sent after them
+                frames = [flow_syn(i) for i in range(first, first + n + tail)]
+                measured = range(first, first + n)
+                first += n + tail
+                sender = TrafficSender(net, *frames, pps=rate, once=True)
                 sent = sender.wait()
+                acked = []  # parsed only when all are in: this thread stays out of the producer's way
+                deadline = time.monotonic() + 60
+                while len(acked) < min(sent, n + tail) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    while exporter.acked:
+                        t, v = exporter.acked.popleft()
+                        if b'"flow_start"' in v:
+                            acked.append((t, v))
                 if rate == 100:
                     continue
-                lat = [1000 * (t - schemas.parse_time(d["event"]["start"]))
-                       for t, d in ((t, orjson.loads(v)) for t, v in got) if d["event"]["action"] == "flow_start"]
-                out[f"{rate}_per_s"] = {"flows": n, "frames_sent": sent, "flow_starts": len(lat),
-                                        "p50_ms": round(percentile(lat, 0.5), 1) if lat else None,
-                                        "p99_ms": round(percentile(lat, 0.99), 1) if lat else None,
-                                        "max_ms": round(max(lat), 1) if lat else None}
-            c.close()
+                lat = {}
+                for t, v in acked:
+                    d = orjson.loads(v)
+                    if flow_index(d) in measured:
+                        lat[flow_index(d)] = 1000 * (t - schemas.parse_time(d["event"]["start"]))
+                ms = list(lat.values())
+                out[f"{rate}_per_s"] = {"flows": n, "frames_sent": sent, "flow_starts": len(ms),
+                                        "sent_per_s": round(sent / sender.seconds),
+                                        "p50_ms": round(percentile(ms, 0.5), 1) if ms else None,
+                                        "p99_ms": round(percentile(ms, 0.99), 1) if ms else None,
+                                        "max_ms": round(max(ms), 1) if ms else None}
+        finally:
+            stop.set()
+            loop.join(60)
     finally:
         net.cleanup()
     return out
@@ -775,7 +812,7 @@ class NullDeadLetter:
 
 # ----------------------------------------------------------------------------- 5. memory
 def memory(broker: Broker, quick: bool) -> dict:
-    seconds = 10 if quick else 120
+    seconds = 10 if quick else 90
     net = Net()
     samples = []
     try:
@@ -1376,7 +1413,8 @@ def table(r: dict) -> str:
     rows += [("12. Latency", "p50 / p99 ms", "")]
     rows += [(f"   packet on the veth -> flow_start acked, {k.split('_')[0]}/s new flows",
               f"{v['p50_ms']:.1f} / {v['p99_ms']:.1f}",
-              f"max {v['max_ms']:.1f} ms; {v['flow_starts']:,} of {v['flows']:,} flow_starts")
+              f"max {v['max_ms']:.1f} ms; {v['flow_starts']:,} of {v['flows']:,} flow_starts; "
+              f"sent at {v['sent_per_s']:,}/s")
              for k, v in pk.items()]
     rows += [("   last failed login -> block in the kernel", f"{bf['seconds']:.3f} s",
               f"{bf['refused_logins']} refused logins, producer's FIN linger {bf['fin_linger_s']} s")]
