@@ -726,12 +726,15 @@ def bruteforce_to_block(broker: Broker, quick: bool) -> dict:
                         raise RuntimeError("blocked before the 5th refused login")
                 wait_for(lambda: prod.line_time(marker) is not None, 60, "the block")
                 t1 = prod.line_time(marker)
+                sent = next((t for t, line in alert.log if f"sent block {net.cli_ip}" in line), None)
             finally:
                 alert.stop()
     finally:
         sshd.stop()
         net.cleanup()
-    return {"refused_logins": refused, "seconds": round(t1 - t0, 3), "fin_linger_s": 2.0}
+    # where the time goes: the alert consumer logs "sent block ..." once the broker acknowledged the command
+    return {"refused_logins": refused, "seconds": round(t1 - t0, 3), "fin_linger_s": 2.0,
+            "to_command_acked_s": round(sent - t0, 3) if sent is not None else None}
 
 
 # ----------------------------------------------------------------------------- 4. archive, replay
@@ -1417,7 +1420,8 @@ def table(r: dict) -> str:
               f"sent at {v['sent_per_s']:,}/s")
              for k, v in pk.items()]
     rows += [("   last failed login -> block in the kernel", f"{bf['seconds']:.3f} s",
-              f"{bf['refused_logins']} refused logins, producer's FIN linger {bf['fin_linger_s']} s")]
+              f"{bf['refused_logins']} refused logins, producer's FIN linger {bf['fin_linger_s']} s; "
+              f"block command acknowledged after {bf['to_command_acked_s']:.3f} s")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
