@@ -4,7 +4,7 @@ timestamped copy) and bench/results/scaling.png. Never asserts on speed.
 
     sudo .venv/bin/python bench/run.py            # full run: all of it 3 times, each figure's median and min-max
     sudo .venv/bin/python bench/run.py --runs 5   # each figure 5 times
-    sudo .venv/bin/python bench/run.py --quick    # smoke run (about a minute): every figure once, small counts
+    sudo .venv/bin/python bench/run.py --quick    # smoke run (a few minutes): every figure once, small counts
 
 Each run is the whole suite on a broker of its own. A ratio is taken within one run (figure
 and baseline measured side by side), then its median over the runs. Last, the targets (TARGETS): each is met only when its worst run meets it.
