@@ -10,7 +10,7 @@ BENCH_OUT ?= bench/results
 
 help:
 	@echo "make demo       setup, then the whole pipeline for DURATION s (default 60) with a live view"
-	@echo "make bench      setup, then every benchmark side by side (BENCH_QUICK=1: a smoke run)"
+	@echo "make bench      setup, then every benchmark side by side, median of BENCH_RUNS runs (default 3; BENCH_QUICK=1: one smoke run)"
 	@echo "make setup      install Debian packages, kernel header links, .venv, test broker (idempotent)"
 	@echo "make install-systemd  (root) the producer as a systemd service: venv in /opt/xdpwatch, user, unit, /etc/xdpwatch"
 	@echo "make lock       regenerate requirements.lock and requirements-image.lock (UPGRADE=1: newest versions)"
@@ -49,7 +49,7 @@ demo: setup
 	$(VENV)/bin/xdpwatch demo --duration $(DURATION) --dir $(DEMO_DIR)
 
 bench: setup
-	$(PY) bench/run.py --out $(BENCH_OUT) $(if $(BENCH_QUICK),--quick,)
+	$(PY) bench/run.py --out $(BENCH_OUT) $(if $(BENCH_QUICK),--quick,) $(if $(BENCH_RUNS),--runs $(BENCH_RUNS),)
 
 test-e2e: setup
 	$(PYTEST) -q tests/e2e

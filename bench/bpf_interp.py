@@ -31,6 +31,7 @@ class Run:
     verdict: int
     memory: dict[int, bytearray] = field(repr=False)
     has_flow: bool = False
+    trace: list[int] = field(default_factory=list, repr=False)  # the index of each instruction run
 
     def state(self) -> tuple:
         """What the run left behind: verdict, counters, ring-buffer record, flow value, frame."""
@@ -43,11 +44,13 @@ def _s(v: int, bits: int) -> int:
 
 
 class _Machine:
-    def __init__(self, frame: bytes, flow: bytes | None, maps: dict[int, str]):
+    def __init__(self, frame: bytes, flow: bytes | None, maps: dict[int, str], counters: bytes | None = None):
         self.mem = {PKT: bytearray(frame), CTX: bytearray(struct.pack("<6I", PKT, PKT + len(frame), 0, 0, 0, 0))}
         self.mem.update({base: bytearray(n) for base, n in SIZES.items()})
         if flow is not None:
             self.mem[FLOW][:] = flow
+        if counters is not None:
+            self.mem[COUNTERS][:] = counters
         self.has_flow = flow is not None
         self.maps = maps
 
@@ -111,16 +114,20 @@ def _taken(op: int, a: int, b: int, bits: int) -> bool:
             0x60: sa > sb, 0x70: sa >= sb, 0xa0: a < b, 0xb0: a <= b, 0xc0: sa < sb, 0xd0: sa <= sb}[op & 0xf0]
 
 
-def run(code: bytes, maps: dict[int, str], frame: bytes, flow: bytes | None = None) -> Run:
+def run(code: bytes, maps: dict[int, str], frame: bytes, flow: bytes | None = None,
+        counters: bytes | None = None) -> Run:
     """Run the program (`code`: bcc's dump_func) on `frame`. `maps`: map fd -> name for
-    counters, flows and events; `flow`: the flow table's one entry, if any."""
-    m = _Machine(frame, flow, maps)
+    counters, flows and events; `flow`: the flow table's one entry, if any; `counters`: this
+    CPU's counters element as a run before left it (default: zeroed)."""
+    m = _Machine(frame, flow, maps, counters)
     insns = [struct.unpack_from("<BBhi", code, i) for i in range(0, len(code), 8)]
     r = [0] * 11
     r[1], r[10] = CTX, STACK + SIZES[STACK]
     pc = n = 0
     helpers: list[int] = []
+    trace: list[int] = []
     while True:
+        trace.append(pc)
         op, regs, off, imm = insns[pc]
         dst, src, cls = regs & 15, regs >> 4, op & 7
         n += 1
@@ -138,7 +145,7 @@ def run(code: bytes, maps: dict[int, str], frame: bytes, flow: bytes | None = No
             helpers.append(imm)
             r[0] = m.helper(imm, r)
         elif cls in (5, 6) and op & 0xf0 == 0x90:  # exit
-            return Run(n, helpers, r[0], m.mem, m.has_flow)
+            return Run(n, helpers, r[0], m.mem, m.has_flow, trace)
         elif cls in (5, 6):  # JMP, JMP32
             bits = 32 if cls == 6 else 64
             mask = (1 << bits) - 1
@@ -159,3 +166,16 @@ def run(code: bytes, maps: dict[int, str], frame: bytes, flow: bytes | None = No
                     r[src] = old
             else:
                 raise ValueError(f"instruction {op:#x} is not modelled")
+
+
+def steady(code: bytes, maps: dict[int, str], frame: bytes, opening: bytes | None = None) -> Run:
+    """The run of `frame` as a timed loop of it sees it after its first repetition: the flow
+    `opening` opened (if given) and `frame` updated once, with this CPU's counters element
+    (its cached clock) as that left it. A one-time step (the first payload's banner check, a
+    clock read per tick) is then not counted as every packet's."""
+    flow = counters = None
+    for f in ((opening,) if opening else ()) + (frame,):
+        r = run(code, maps, f, flow, counters)
+        flow = bytes(r.memory[FLOW]) if r.has_flow else None
+        counters = bytes(r.memory[COUNTERS])
+    return run(code, maps, frame, flow, counters)

@@ -2,13 +2,18 @@
 baseline it is divided by. Prints a table, writes bench/results/latest.json (and a
 timestamped copy) and bench/results/scaling.png. Never asserts on speed.
 
-    sudo .venv/bin/python bench/run.py            # full run (~10 minutes, 5 of them the RSS run)
-    sudo .venv/bin/python bench/run.py --quick    # smoke run (seconds): every figure, small counts
+    sudo .venv/bin/python bench/run.py            # full run: all of it 3 times, each figure's median and min-max
+    sudo .venv/bin/python bench/run.py --runs 5   # each figure 5 times
+    sudo .venv/bin/python bench/run.py --quick    # smoke run (a few minutes): every figure once, small counts
+
+Each run is the whole suite on a broker of its own. A ratio is taken within one run (figure
+and baseline measured side by side), then its median over the runs. Last, the targets (TARGETS): each is met only when its worst run meets it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import ctypes as ct
 import datetime as dt
@@ -37,7 +42,7 @@ from xdpwatch.demo.lab import Broker, Net, free_port, scrape, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
-from xdpwatch.producer.loader import BpfConfig, XdpProgram
+from xdpwatch.producer.loader import BPF_DIR, BpfConfig, XdpProgram
 from xdpwatch.producer.events import Clock
 from xdpwatch.producer.pipeline import Pipeline, ProduceConfig
 from xdpwatch.producer.spool import Spool
@@ -113,6 +118,12 @@ XDP_PACKETS = {
 }
 
 
+# The design floor of an SSH packet of a known flow (bench/floor.bpf.c): the real key and
+# value in an LRU hash of the real size, the two atomic adds, the cached coarse clock.
+FLOOR = "design floor: 44-byte key LRU lookup, 2 atomic adds, clock"
+FLOOR_SOURCE = Path(__file__).resolve().parent / "floor.bpf.c"
+
+
 def run_ns(fd: int, pkt: bytes, repeat: int) -> float:
     """ns per run of program `fd` on `pkt` (BPF_PROG_TEST_RUN), to a tenth: the kernel
     reports whole ns only, so this is the thread's CPU time, for `repeat` runs minus that for
@@ -138,11 +149,16 @@ def xdp_cost(quick: bool) -> dict:
     prog = test_program(BpfConfig(ssh_ports=(22,), flow_table_size=65536, ringbuf_pages=ring_pages(2 * batch)))
     prog.open_events(lambda ev: None)
     prog.test_run(tcp_frame(1, 40000, 22, SYN))  # the flow that ACKs below belong to
+    floor = BPF(src_file=str(FLOOR_SOURCE).encode(), cflags=[f"-I{BPF_DIR}", "-DFLOW_TABLE_SIZE=65536"])
+    floor_fd = floor.load_func(b"floor_prog", BPF.XDP).fd
+    known = XDP_PACKETS["SSH, packet of an existing flow"]
+    libbpf.prog_test_run(floor_fd, known)  # its first run inserts the flow; the timed runs find it
 
     def ns(fd: int, pkt: bytes, n: int) -> float:
         return statistics.median(run_ns(fd, pkt, n) for _ in range(rounds))
 
     out = {name: {"ns": ns(fd, udp_frame(), repeat)} for name, fd in fds.items()}
+    out[FLOOR] = {"ns": ns(floor_fd, known, repeat)}
     base = out["bare XDP_PASS"]["ns"]
     for name, pkt in XDP_PACKETS.items():
         if "new flow" in name:  # every repetition re-creates the flow (SYN after RST) and emits start + end
@@ -155,9 +171,13 @@ def xdp_cost(quick: bool) -> dict:
             out[name] = {"ns": ns(prog.fd, pkt, repeat)}
     for v in out.values():
         v["ratio_to_bare"] = round(v["ns"] / base, 2) if base else None
+    out["SSH, packet of an existing flow"]["ratio_to_floor"] = round(
+        out["SSH, packet of an existing flow"]["ns"] / out[FLOOR]["ns"], 2)
+    for v in out.values():
         v["ns"] = round(v["ns"], 1)
     out["_repeat"] = repeat
     prog.close()
+    floor.cleanup()
     bare.cleanup()
     return out
 
@@ -507,11 +527,21 @@ class ProducerUnderTest:
                                       "--spool-dir", self.spool.name, *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.arrived: list[float] = []  # the monotonic time each line of `log` was read
+        threading.Thread(target=self._read_log, daemon=True).start()
         wait_for(lambda: any("attached XDP program" in line for line in self.log) or self.proc.poll() is not None,
                  60, "the producer to attach")
         if self.proc.poll() is not None:
             raise RuntimeError("producer failed:\n" + "".join(self.log))
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.arrived.append(time.monotonic())
+            self.log.append(line)
+
+    def line_time(self, text: str) -> float | None:
+        """When the first stderr line containing `text` was read, if one was."""
+        return next((t for t, line in zip(self.arrived, self.log) if text in line), None)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -541,18 +571,19 @@ SENDER = r"""
 import socket, sys, time
 frames = [bytes.fromhex(h) for h in sys.stdin.read().split(",")]
 pps, seconds = float(sys.argv[1]), float(sys.argv[2])
+once = len(sys.argv) > 3  # each frame once, however long that takes
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("eth0", 0))
 batch = max(1, int(pps / 100))
 start, sent = time.monotonic(), 0
-while (now := time.monotonic() - start) < seconds:
-    for i in range(batch):
+while (sent < len(frames)) if once else (time.monotonic() - start < seconds):
+    for i in range(min(batch, len(frames) - sent) if once else batch):
         s.send(frames[(sent + i) % len(frames)])
     sent += batch
     ahead = sent / pps - (time.monotonic() - start)
     if ahead > 0:
         time.sleep(ahead)
-print(sent)
+print(min(sent, len(frames)) if once else sent, time.monotonic() - start)
 """
 
 
@@ -560,16 +591,164 @@ class TrafficSender:
     """Frames at a bounded rate for a bounded time, from the lab's client namespace to the
     bridge (dropped there: the destination MAC is nobody's)."""
 
-    def __init__(self, net: Net, *frames: bytes, pps: float, seconds: float):
+    def __init__(self, net: Net, *frames: bytes, pps: float, seconds: float = 0.0, once: bool = False):
+        """`once`: each frame once, then stop (`seconds` is not used); otherwise the frames
+        over and over for `seconds`."""
         self.proc = subprocess.Popen(["ip", "netns", "exec", net.cli_ns, sys.executable, "-c", SENDER,
-                                      str(pps), str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      str(pps), str(seconds), *(["once"] if once else [])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.proc.stdin.write(",".join(f.hex() for f in frames))
         self.proc.stdin.close()
+        self.seconds = 0.0  # how long sending took
 
     def wait(self) -> int:
-        out = self.proc.stdout.read()
+        """The frames sent."""
+        out = self.proc.stdout.read().split()
         self.proc.wait(600)
-        return int(out or 0)
+        self.seconds = float(out[1]) if len(out) > 1 else 0.0
+        return int(out[0]) if out else 0
+
+
+# ----------------------------------------------------------------------------- 12. latency
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `xs`, nearest rank."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * len(xs) + 0.5) - 1))]
+
+
+class AckTimedExporter(KafkaExporter):
+    """The producer's exporter, also told of every acknowledgement (delivery.report.only.error
+    off: one more Python callback per event): `acked` gets (time.time(), value) for each."""
+
+    def __init__(self, bootstrap: str, prefix: str):
+        super().__init__({"bootstrap.servers": bootstrap, "delivery.report.only.error": False}, prefix)
+        self.acked: collections.deque[tuple[float, bytes]] = collections.deque()
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is None:
+            self.acked.append((time.time(), msg.value()))
+        else:
+            super()._on_delivery(err, msg)
+
+
+def flow_index(doc: dict) -> int:
+    """The i of flow_syn(i) that opened the flow of `doc`."""
+    a = [int(x) for x in doc["source"]["ip"].split(".")]
+    return ((a[1] << 16 | a[2] << 8 | a[3]) - 1) * 60000 + doc["source"]["port"] - 1024
+
+
+def packet_to_kafka(broker: Broker, quick: bool) -> dict:
+    """From a packet on the veth to its flow_start acknowledged by Kafka, at a steady rate of
+    new flows: the producer's run loop (Pipeline, its defaults; in this process, so that its
+    acknowledgements can be timed) attached to the lab's veth, SYNs of distinct flows sent from
+    the client namespace at the rate.
+
+    Per flow_start: t0 = event.start, the XDP program's bpf_ktime_get_ns() on the SYN, turned
+    into wall time by the producer (Clock: CLOCK_MONOTONIC plus the CLOCK_REALTIME offset read
+    at start, to the microsecond); t1 = time.time() in the producer's delivery report for it
+    (acks=all), served by its run loop (the ring-buffer wait ends with the next event: the
+    flows sent after the measured ones keep it short to the end)."""
+    plan = ((1000, 1.0), (50_000, 0.2)) if quick else ((1000, 5.0), (50_000, 1.0))  # (flows/s, seconds)
+    prefix = f"bench-lat{time.monotonic_ns()}"
+    net = Net()
+    out = {}
+    try:
+        prog = XdpProgram(BpfConfig(ssh_ports=(22,)))
+        exporter = AckTimedExporter(broker.bootstrap, prefix)
+        exporter.ensure_topics(3, 1)
+        run = Pipeline(ProduceConfig(iface=net.iface), prog, exporter)
+        stop = threading.Event()
+        loop = threading.Thread(target=run.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            wait_for(lambda: "xdp" in sh("ip", "link", "show", "dev", net.iface).stdout or not loop.is_alive(), 60,
+                     "the program to attach")
+            first = 0
+            for rate, seconds in ((100, 0.5), *plan):  # first a warm-up: connections, topic metadata
+                n, tail = int(rate * seconds), int(rate * 0.1)  # flows measured; flows sent after them
+                frames = [flow_syn(i) for i in range(first, first + n + tail)]
+                measured = range(first, first + n)
+                first += n + tail
+                sender = TrafficSender(net, *frames, pps=rate, once=True)
+                sent = sender.wait()
+                acked = []  # parsed only when all are in: this thread stays out of the producer's way
+                deadline = time.monotonic() + 60
+                while len(acked) < min(sent, n + tail) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    while exporter.acked:
+                        t, v = exporter.acked.popleft()
+                        if b'"flow_start"' in v:
+                            acked.append((t, v))
+                if rate == 100:
+                    continue
+                lat = {}
+                for t, v in acked:
+                    d = orjson.loads(v)
+                    if flow_index(d) in measured:
+                        lat[flow_index(d)] = 1000 * (t - schemas.parse_time(d["event"]["start"]))
+                ms = list(lat.values())
+                out[f"{rate}_per_s"] = {"flows": n, "frames_sent": sent, "flow_starts": len(ms),
+                                        "sent_per_s": round(sent / sender.seconds),
+                                        "p50_ms": round(percentile(ms, 0.5), 1) if ms else None,
+                                        "p99_ms": round(percentile(ms, 0.99), 1) if ms else None,
+                                        "max_ms": round(max(ms), 1) if ms else None}
+        finally:
+            stop.set()
+            loop.join(60)
+    finally:
+        net.cleanup()
+    return out
+
+
+BRUTE_FORCE_ALLOW = "10.0.0.0/8"  # the management network: never blocked; the lab's client is 198.18.N.2
+
+
+def bruteforce_to_block(broker: Broker, quick: bool) -> dict:
+    """From the last failed login of a brute force to the block in the kernel: a real sshd
+    in the lab's server namespace, `xdpwatch produce --enforce` (otherwise its defaults, the
+    2 s FIN linger included), `xdpwatch alert --block-on ssh_auth_failures` (the default rules:
+    5 refused logins from one source within 60 s) and the control topic between them.
+
+    t0 = time.monotonic() when the client (sshpass + ssh, in the client namespace) of the 5th
+    failed password login returned, refused; t1 = time.monotonic() when this process read the
+    producer's "blocking <source>/32 until" log line, which it writes right after putting the
+    source in the kernel's blocklist map. Before the attack, both consumers are consuming (the
+    alert consumer has handled packet-counts records, its group joined)."""
+    from xdpwatch.demo.lab import Sshd
+
+    prefix = f"bench-brute{time.monotonic_ns()}"
+    net = Net()
+    sshd = Sshd(net)
+    d = tempfile.mkdtemp(prefix="xw-bench-brute-")
+    try:
+        with ProducerUnderTest(net, broker, "--topic-prefix", prefix, "--enforce", "--allow", BRUTE_FORCE_ALLOW) as prod:
+            alert = AlertUnderTest(broker, prefix, f"{prefix}-alert", d, "--block-on", "ssh_auth_failures")
+            try:
+                wait_for(lambda: alert.metrics().get(alert.HANDLED, 0) > 0 or alert.proc.poll() is not None, 120,
+                         "the alert consumer to handle its first records")
+                marker = f"blocking {net.cli_ip}/32 until "
+                refused = 0
+                t0 = None
+                while refused < 5:
+                    r = net.exec(net.cli_ns, sshd.failed_login_cmd(connect_timeout=3), capture_output=True,
+                                 text=True, timeout=30)
+                    t0 = time.monotonic()
+                    if r.returncode != 255 or "denied" not in r.stderr:
+                        raise RuntimeError(f"a failed login did not fail as expected: {r.returncode} {r.stderr}")
+                    refused += 1
+                    if prod.line_time(marker) is not None:
+                        raise RuntimeError("blocked before the 5th refused login")
+                wait_for(lambda: prod.line_time(marker) is not None, 60, "the block")
+                t1 = prod.line_time(marker)
+                sent = next((t for t, line in alert.log if f"sent block {net.cli_ip}" in line), None)
+            finally:
+                alert.stop()
+    finally:
+        sshd.stop()
+        net.cleanup()
+    # where the time goes: the alert consumer logs "sent block ..." once the broker acknowledged the command
+    return {"refused_logins": refused, "seconds": round(t1 - t0, 3), "fin_linger_s": 2.0,
+            "to_command_acked_s": round(sent - t0, 3) if sent is not None else None}
 
 
 # ----------------------------------------------------------------------------- 4. archive, replay
@@ -650,7 +829,7 @@ class NullDeadLetter:
 
 # ----------------------------------------------------------------------------- 5. memory
 def memory(broker: Broker, quick: bool) -> dict:
-    seconds = 10 if quick else 300
+    seconds = 10 if quick else 90
     net = Net()
     samples = []
     try:
@@ -888,7 +1067,6 @@ def restore_at_start(broker: Broker, quick: bool) -> dict:
 
 def restore_child(bootstrap: str, topic: str) -> dict:
     import logging
-    import resource
 
     from xdpwatch.producer.enforcement import Enforcer, Policy
     from xdpwatch.producer.events import EventShaper
@@ -897,7 +1075,7 @@ def restore_child(bootstrap: str, topic: str) -> dict:
 
     logging.disable(logging.ERROR)  # one "blocking ..." line per restored block otherwise
     prog = test_program(BpfConfig(enforce_mode="enforce"))
-    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # bcc and LLVM, before any command
+    loaded_mb = proc_hwm_mb()  # bcc and LLVM, before any command
     reader = ControlReader({"bootstrap.servers": bootstrap}, topic)
     t0 = time.perf_counter()
     read = sum(1 for _ in reader.catch_up())
@@ -915,7 +1093,14 @@ def restore_child(bootstrap: str, topic: str) -> dict:
     return {"read_only_s": round(read_s, 2), "read_per_s": round(read / read_s), "restore_s": round(restore_s, 2),
             "restore_per_s": round(stats.commands / restore_s), "blocks_applied": stats.applied,
             "refused": stats.refused, "rss_mb_program_loaded": round(loaded_mb),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mb": round(proc_hwm_mb())}
+
+
+def proc_hwm_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries that over
+    exec from the forked image, so a child of a large bench process would report the parent."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 # ----------------------------------------------------------------------------- 9-11. exactly once
@@ -1085,8 +1270,9 @@ def alert_restart(broker: Broker, quick: bool) -> dict:
 def interfaces(quick: bool) -> dict:
     """`xdpwatch produce --iface-pattern` over 1 and over 16 veths (quick: 1 and 4): the time
     from the process's start to its "watching N interface(s)" line (compile, load, attach
-    each), and its RSS then; the median of 3 runs (quick: 1). --output stdout: no Kafka."""
-    counts, runs = ((1, 4), 1) if quick else ((1, 16), 3)
+    each), and its RSS then (one start each: the suite's runs give the median). --output stdout:
+    no Kafka."""
+    counts, runs = ((1, 4), 1) if quick else ((1, 16), 1)
     tag = f"xwb{os.getpid() % 90 + 10}"
     names = [f"{tag}i{i}" for i in range(max(counts))]
 
@@ -1140,10 +1326,100 @@ def machine() -> dict:
             "broker": "Tansu (embedded, in memory)"}
 
 
+# ----------------------------------------------------------------------------- runs, medians, targets
+class _Spread:
+    """A figure's median over the runs, formatted with their min-max when they differ:
+    f"{x:,}" -> "73,057 (70,112-75,900)"."""
+
+    lo: float
+    hi: float
+
+    def __format__(self, spec: str) -> str:
+        text = super().__format__(spec)
+        if self.lo == self.hi:
+            return text
+        base = type(self).__mro__[2]  # int or float: the bounds without a spread of their own
+        return f"{text} ({format(base(self.lo), spec)}-{format(base(self.hi), spec)})"
+
+
+class IntFigure(_Spread, int):
+    pass
+
+
+class FloatFigure(_Spread, float):
+    pass
+
+
+def figure(values: list[float]):
+    """The median of `values` (to their own precision: an even count averages two) and their
+    min-max."""
+    places = max(len(repr(v).partition(".")[2]) if isinstance(v, float) else 0 for v in values)
+    m = round(statistics.median(values), places)
+    x = IntFigure(m) if places == 0 else FloatFigure(m)
+    x.lo, x.hi = min(values), max(values)
+    return x
+
+
+def median_of(runs: list):
+    """The runs of one section as one result of the same shape: each number the median of
+    the runs' (with their min and max, see _Spread), everything else as the first run had it.
+    A ratio is taken within each run, then its median across the runs."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: median_of([r.get(k) for r in runs]) for k in first}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in runs):
+        return [median_of(list(col)) for col in zip(*runs)]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in runs):
+        return figure(runs) if len(runs) > 1 else first
+    return first
+
+
+# (what, section, path to the figure, "<=" or ">=", bound): met only if the worst run meets it
+TARGETS = [
+    ("UDP (not SSH) ÷ bare XDP_PASS", "xdp_cost", ("UDP, not SSH", "ratio_to_bare"), "<=", 1.5),
+    ("SSH known-flow packet ÷ design floor", "xdp_cost", ("SSH, packet of an existing flow", "ratio_to_floor"), "<=", 1.2),
+    ("flow events to Kafka ÷ bare confluent-kafka", "events_to_kafka", ("ratio_to_bare",), ">=", 0.5),
+    ("archiver ÷ bare consume-to-file", "archive_replay", ("ratio_to_bare",), ">=", 0.5),
+    ("alert consumer ÷ bare consume loop", "alert_vs_bare", ("ratio_to_bare",), ">=", 0.5),
+    ("alert consumer ÷ bare loop with validation", "alert_vs_bare", ("ratio_to_bare_validated",), ">=", 0.5),
+    ("producer RSS growth after warm-up, %", "memory", ("growth_after_warmup_pct",), "<=", 10.0),
+    ("packet -> flow_start acked, p99 at 1,000/s, ms", "packet_to_kafka", ("1000_per_s", "p99_ms"), "<=", 50.0),
+    ("last failed login -> block in the kernel, s", "bruteforce_to_block", ("seconds",), "<=", 2.0),
+]
+
+
+def targets(runs: dict[str, list[dict]]) -> list[dict]:
+    """Each target against every run of its section: the worst run, the median, met or not."""
+    out = []
+    for what, section, path, op, bound in TARGETS:
+        values = []
+        for r in runs.get(section, []):
+            for k in path:
+                r = r.get(k) if isinstance(r, dict) else None
+            if r is not None:
+                values.append(r)
+        worst = (max if op == "<=" else min)(values) if values else None
+        met = worst is not None and (worst <= bound if op == "<=" else worst >= bound)
+        out.append({"target": f"{what} {op} {bound:g}", "runs": len(values), "worst_run": worst,
+                    "median": statistics.median(values) if values else None, "met": met})
+    return out
+
+
+def targets_table(ts: list[dict]) -> str:
+    rows = [("Targets (met only when the worst run meets it)", "worst run", "median", "")]
+    rows += [(f"   {t['target']}", f"{t['worst_run']:g}" if t["worst_run"] is not None else "-",
+              f"{t['median']:g}" if t["median"] is not None else "-", "met" if t["met"] else "NOT MET")
+             for t in ts]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows)
+
+
 def table(r: dict) -> str:
     x, e, c, a, m = r["xdp_cost"], r["events_to_kafka"], r["counters"], r["archive_replay"], r["memory"]
     rows = [("1. XDP cost per packet", "ns", "÷ bare XDP_PASS")]
-    rows += [(f"   {k}", f"{v['ns']:.1f}", f"{v['ratio_to_bare']:.2f}×") for k, v in x.items() if not k.startswith("_")]
+    rows += [(f"   {k}", f"{v['ns']:.1f}", f"{v['ratio_to_bare']:.2f}×"
+              + (f"; ÷ floor {v['ratio_to_floor']:.2f}×" if "ratio_to_floor" in v else ""))
+             for k, v in x.items() if not k.startswith("_")]
     rows += [("2. Flow events to Kafka (acked)", "events/s", "ratio"),
              ("   xdpwatch producer code", f"{e['xdpwatch']['events_per_s']:,}", f"{e['xdpwatch']['flow_path']} flow path"),
              ("   bare confluent-kafka, same lines", f"{e['bare_confluent_kafka']['events_per_s']:,}",
@@ -1164,9 +1440,10 @@ def table(r: dict) -> str:
              ("   producer CPU, idle / at load", f"{c['producer_cpu_pct_idle']}% / {c['producer_cpu_pct_under_load']}%",
               f"load {c['load_pps_measured']:,} pps non-SSH"),
              ("4. Archive and replay", "events/s", ""),
-             ("   archiver", f"{a['archiver']['events_per_s']:,} ({a['archiver']['mb_per_s']} MB/s)",
-              f"÷ bare consume-to-file {a['ratio_to_bare']:.2f}×"),
-             ("   bare consume-to-file", f"{a['bare_consume_to_file']['events_per_s']:,} ({a['bare_consume_to_file']['mb_per_s']} MB/s)", ""),
+             ("   archiver", f"{a['archiver']['events_per_s']:,}",
+              f"{a['archiver']['mb_per_s']} MB/s; ÷ bare consume-to-file {a['ratio_to_bare']:.2f}×"),
+             ("   bare consume-to-file", f"{a['bare_consume_to_file']['events_per_s']:,}",
+              f"{a['bare_consume_to_file']['mb_per_s']} MB/s"),
              ("   replay to a null sink", f"{a['replay_to_null_events_per_s']:,}", ""),
              ("5. Memory", "", ""),
              (f"   producer RSS over {m['seconds']} s", f"{m['rss_mb_after_warmup']} → {m['rss_mb_end']} MB",
@@ -1212,6 +1489,16 @@ def table(r: dict) -> str:
     rows += [("12. One producer, many interfaces", "start s", "RSS")]
     rows += [(f"   {n} interface{'s' if n != '1' else ''}", f"{v['start_s']}", f"{v['rss_mb']} MB")
              for n, v in ifs.items()]
+    pk, bf = r["packet_to_kafka"], r["bruteforce_to_block"]
+    rows += [("13. Latency", "p50 / p99 ms", "")]
+    rows += [(f"   packet on the veth -> flow_start acked, {k.split('_')[0]}/s new flows",
+              f"{v['p50_ms']:.1f} / {v['p99_ms']:.1f}",
+              f"max {v['max_ms']:.1f} ms; {v['flow_starts']:,} of {v['flows']:,} flow_starts; "
+              f"sent at {v['sent_per_s']:,}/s")
+             for k, v in pk.items()]
+    rows += [("   last failed login -> block in the kernel", f"{bf['seconds']:.3f} s",
+              f"{bf['refused_logins']} refused logins, producer's FIN linger {bf['fin_linger_s']} s; "
+              f"block command acknowledged after {bf['to_command_acked_s']:.3f} s")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
@@ -1222,7 +1509,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: small counts, every figure")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--restore-child", nargs=2, metavar=("BOOTSTRAP", "TOPIC"), help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=None,
+                    help="runs of each figure, the median printed with min-max (default 3; 1 with --quick)")
     args = ap.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
     if args.restore_child:
         print(orjson.dumps(restore_child(*args.restore_child)).decode())
         return 0
@@ -1231,33 +1521,45 @@ def main() -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-              "machine": machine()}
-    broker = Broker()
-    try:
-        for name, fn in (("xdp_cost", lambda: xdp_cost(args.quick)),
-                         ("events_to_kafka", lambda: events_to_kafka(broker, args.quick)),
-                         ("archive_replay", lambda: archive_and_replay(broker, result["events_to_kafka"]["xdpwatch"]["delivered"])),
-                         ("counters", lambda: counters_and_cpu(broker, args.quick)),
-                         ("scaling", lambda: scaling(broker, args.quick)),
-                         ("memory", lambda: memory(broker, args.quick)),
-                         ("restore", lambda: restore_at_start(broker, args.quick)),
-                         ("alert_state", lambda: alert_sources(broker, args.quick)),
-                         ("spool_check", lambda: spool_check(broker, args.quick)),
-                         ("alert_vs_bare", lambda: alert_vs_bare(broker, args.quick)),
-                         ("alert_restart", lambda: alert_restart(broker, args.quick)),
-                         ("interfaces", lambda: interfaces(args.quick))):
-            t0 = time.monotonic()
-            print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            result[name] = fn()
-            print(f"bench: {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
-    finally:
-        broker.stop()
+              "runs": runs, "machine": machine()}
+    every: dict[str, list[dict]] = {}
+    started = time.monotonic()
+    for i in range(runs):  # each run on a broker of its own: topics and groups start empty
+        one: dict[str, dict] = {}
+        broker = Broker()
+        try:
+            for name, fn in (("xdp_cost", lambda: xdp_cost(args.quick)),
+                             ("events_to_kafka", lambda: events_to_kafka(broker, args.quick)),
+                             ("archive_replay", lambda: archive_and_replay(broker, one["events_to_kafka"]["xdpwatch"]["delivered"])),
+                             ("counters", lambda: counters_and_cpu(broker, args.quick)),
+                             ("scaling", lambda: scaling(broker, args.quick)),
+                             ("memory", lambda: memory(broker, args.quick)),
+                             ("restore", lambda: restore_at_start(broker, args.quick)),
+                             ("alert_state", lambda: alert_sources(broker, args.quick)),
+                             ("spool_check", lambda: spool_check(broker, args.quick)),
+                             ("alert_vs_bare", lambda: alert_vs_bare(broker, args.quick)),
+                             ("alert_restart", lambda: alert_restart(broker, args.quick)),
+                             ("packet_to_kafka", lambda: packet_to_kafka(broker, args.quick)),
+                             ("bruteforce_to_block", lambda: bruteforce_to_block(broker, args.quick)),
+                             ("interfaces", lambda: interfaces(args.quick))):
+                t0 = time.monotonic()
+                print(f"bench: run {i + 1} of {runs}: {name} ...", file=sys.stderr, flush=True)
+                one[name] = fn()
+                every.setdefault(name, []).append(one[name])
+                print(f"bench: run {i + 1} of {runs}: {name} done in {time.monotonic() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+        finally:
+            broker.stop()
+    result["seconds"] = round(time.monotonic() - started)
+    result.update({name: median_of(rs) for name, rs in every.items()})
+    result["targets"] = targets(every)
+    result["every_run"] = every
     plot(result["scaling"], args.out / "scaling.png")
-    text = table(result)
+    text = table(result) + "\n\n" + targets_table(result["targets"])
     print(text)
     stamp = result["when"].replace(":", "").replace("-", "")
     for name in ("latest.json", f"{'quick-' if args.quick else ''}{stamp}.json"):
-        (args.out / name).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        (args.out / name).write_bytes(orjson.dumps(result, default=float, option=orjson.OPT_INDENT_2))
     (args.out / "latest.txt").write_text(text + "\n")
     print(f"\nresults: {args.out / 'latest.json'}, plot: {args.out / 'scaling.png'}", file=sys.stderr)
     return 0

@@ -65,10 +65,9 @@ class Side:
         return bytes(code)
 
     def interpret(self, name: str, frame: bytes) -> bpf_interp.Run:
-        flow = None
-        if "existing flow" in name:  # the one OPENING_SYN opened
-            flow = bytes(bpf_interp.run(self.code, self.maps, OPENING_SYN).memory[bpf_interp.FLOW])
-        return bpf_interp.run(self.code, self.maps, frame, flow)
+        if "new flow" in name:  # SYN+RST: every repetition creates the flow anew
+            return bpf_interp.run(self.code, self.maps, frame)
+        return bpf_interp.steady(self.code, self.maps, frame, OPENING_SYN if "existing flow" in name else None)
 
     def ns(self, name: str, frame: bytes, repeat: int, batch: int) -> float:
         if "new flow" in name:  # SYN+RST re-creates the flow each run, two events: drain per batch

@@ -80,13 +80,13 @@ static __always_inline void handshake(struct pkt *p, struct flow_key *key, struc
 		return;
 	__u8 f = p->flags & HS_FLAGS;
 	if (client_syn(p)) {
-		v->client_isn = p->seq;
+		v->client_isn = tcp_seq(p);
 		v->handshake = HS_SYN;
-	} else if (p->egress && p->dir == DIR_TO_CLIENT && f == (TH_SYN | TH_ACK) && p->ack == v->client_isn + 1) {
-		v->server_isn = p->seq;
+	} else if (p->egress && p->dir == DIR_TO_CLIENT && f == (TH_SYN | TH_ACK) && tcp_ack(p) == v->client_isn + 1) {
+		v->server_isn = tcp_seq(p);
 		v->handshake = HS_SYN_ACK;
 	} else if (hs == HS_SYN_ACK && !p->egress && p->dir == DIR_TO_SERVER && f == TH_ACK &&
-		   p->ack == v->server_isn + 1) {
+		   tcp_ack(p) == v->server_isn + 1) {
 		v->handshake = HS_COMPLETE;
 		emit(p, key, v, EV_FLOW_ESTABLISHED);
 	}
@@ -153,19 +153,25 @@ static __always_inline void update_flow(struct pkt *p, struct flow_key *key, str
 		v->directions |= dir;
 	if (v->handshake != HS_COMPLETE)
 		handshake(p, key, v);
-	if (p->payload_len > 0 && server_payload_trusted(p, v)) {
-		if (!(v->banners & dir)) {
-			v->banners |= dir;
-			capture_banner(p, key, v->first_ns);
-		}
-		if (dir == DIR_TO_CLIENT) {
-			__u8 i = v->nsizes;
-			if (i < SERVER_SIZES) {
-				v->server_sizes[i] = p->payload_len > 0xffff ? 0xffff : p->payload_len;
-				v->nsizes = i + 1;
+	/* The payload: the first of each direction (banner), the server's first segment sizes.
+	 * Nothing to look at once both are done for this direction. */
+	if (!(v->banners & dir) || (dir == DIR_TO_CLIENT && v->nsizes < SERVER_SIZES)) {
+		if (p->payload_len > 0 && server_payload_trusted(p, v)) {
+			if (!(v->banners & dir)) {
+				v->banners |= dir;
+				capture_banner(p, key, v->first_ns);
+			}
+			if (dir == DIR_TO_CLIENT) {
+				__u8 i = v->nsizes;
+				if (i < SERVER_SIZES) {
+					v->server_sizes[i] = p->payload_len > 0xffff ? 0xffff : p->payload_len;
+					v->nsizes = i + 1;
+				}
 			}
 		}
 	}
+	if (!(flags & (TH_FIN | TH_RST))) /* one test for the packets that are neither */
+		return;
 	if ((flags & TH_RST) && !v->rst_ns) {
 		v->rst_ns = now;
 		emit(p, key, v, EV_FLOW_END_RST);
@@ -208,7 +214,7 @@ static __always_inline void flow_packet(struct pkt *p)
 	struct flow_value *v = flows.lookup(&key);
 
 	/* A SYN on a flow already ended by RST is a new connection reusing the 5-tuple. */
-	if (v && !(v->rst_ns && syn)) {
+	if (v && !(syn && v->rst_ns)) {
 		update_flow(p, &key, v);
 		return;
 	}
@@ -227,7 +233,7 @@ static __always_inline void flow_packet(struct pkt *p)
 	nv.directions = p->egress ? 0 : dir;
 	if (client_syn(p)) {
 		nv.handshake = HS_SYN;
-		nv.client_isn = p->seq;
+		nv.client_isn = tcp_seq(p);
 	}
 	if (p->payload_len > 0) {
 		nv.banners = dir;

@@ -46,7 +46,8 @@ static __always_inline int parse_eth(struct pkt *p)
 		count_class(p, C_MALFORMED);
 		return 0;
 	}
-	__u16 proto = bpf_ntohs(eth->h_proto);
+	/* One 16-bit load: struct ethhdr is packed, so eth->h_proto is read a byte at a time. */
+	__u16 proto = bpf_ntohs(*(__be16 *)(p->data + offsetof(struct ethhdr, h_proto)));
 	void *cur = eth + 1;
 	int tagged = 0;
 
@@ -198,8 +199,6 @@ static __always_inline int parse_tcp(struct pkt *p)
 	/* The payload from the IP length, not the frame's: short frames carry padding. */
 	p->payload_off = (__u32)((void *)tcp - p->data) + tcp->doff * 4;
 	p->payload_len = p->l4_len - tcp->doff * 4;
-	p->seq = bpf_ntohl(tcp->seq);
-	p->ack = bpf_ntohl(tcp->ack_seq);
 	p->flags = ((__u8 *)tcp)[13];
 	return 1;
 }

@@ -2,6 +2,8 @@
 #ifndef XDPWATCH_PKT_H
 #define XDPWATCH_PKT_H
 
+#include <linux/tcp.h>
+
 #include "xdpwatch.h"
 
 #define TH_FIN 0x01
@@ -38,10 +40,20 @@ struct pkt {
 	__u32 dir;            /* DIR_TO_SERVER or DIR_TO_CLIENT: the side on an SSH port is the server */
 	__u32 payload_off;    /* the payload: `payload_off` bytes from the start of the frame, */
 	__s32 payload_len;    /* `payload_len` bytes long */
-	__u32 seq;            /* sequence and acknowledgement numbers, host byte order */
-	__u32 ack;
 	__u8 flags;           /* the TCP flags byte */
 };
+
+/* The sequence and acknowledgement numbers, host byte order: read where they are used (the
+ * handshake check), after parse_l4() returned 1. */
+static __always_inline __u32 tcp_seq(struct pkt *p)
+{
+	return bpf_ntohl(((struct tcphdr *)p->l4)->seq);
+}
+
+static __always_inline __u32 tcp_ack(struct pkt *p)
+{
+	return bpf_ntohl(((struct tcphdr *)p->l4)->ack_seq);
+}
 
 /* One packet of `len` bytes more on counter `idx` (len 0: the counters that count events). */
 static __always_inline void count(struct counters *cs, __u32 idx, __u64 len)
