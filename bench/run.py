@@ -42,6 +42,7 @@ from xdpwatch.demo.lab import Broker, Net, free_port, scrape, sh, wait_for
 from xdpwatch.producer import libbpf
 from xdpwatch.producer.exporter import KAFKA_DEFAULTS, KafkaExporter
 from xdpwatch.producer.flows import FlowTimeouts
+from xdpwatch.producer.interfaces import Selection
 from xdpwatch.producer.loader import BPF_DIR, BpfConfig, XdpProgram
 from xdpwatch.producer.events import Clock
 from xdpwatch.producer.pipeline import Pipeline, ProduceConfig
@@ -656,7 +657,7 @@ def packet_to_kafka(broker: Broker, quick: bool) -> dict:
         prog = XdpProgram(BpfConfig(ssh_ports=(22,)))
         exporter = AckTimedExporter(broker.bootstrap, prefix)
         exporter.ensure_topics(3, 1)
-        run = Pipeline(ProduceConfig(iface=net.iface), prog, exporter)
+        run = Pipeline(ProduceConfig(selection=Selection(names=(net.iface,))), prog, exporter)
         stop = threading.Event()
         loop = threading.Thread(target=run.run, args=(stop,), daemon=True)
         loop.start()
@@ -695,6 +696,7 @@ def packet_to_kafka(broker: Broker, quick: bool) -> dict:
         finally:
             stop.set()
             loop.join(60)
+            exporter.close(10)  # the pipeline closes what it attached; its exporter is ours
     finally:
         net.cleanup()
     return out
@@ -704,41 +706,58 @@ BRUTE_FORCE_ALLOW = "10.0.0.0/8"  # the management network: never blocked; the l
 
 
 def bruteforce_to_block(broker: Broker, quick: bool) -> dict:
-    """From the last failed login of a brute force to the block in the kernel: a real sshd
-    in the lab's server namespace, `xdpwatch produce --enforce` (otherwise its defaults, the
-    2 s FIN linger included), `xdpwatch alert --block-on ssh_auth_failures` (the default rules:
-    5 refused logins from one source within 60 s) and the control topic between them.
+    """From a brute force to the block in the kernel, for each rule that can block: a real
+    sshd in the lab's server namespace, `xdpwatch produce --enforce` (otherwise its defaults,
+    the 2 s FIN linger included), `xdpwatch alert --block-on RULE` (the default rules) and the
+    control topic between them. Both consumers are consuming before the attack (the alert
+    consumer has handled packet-counts records, its group joined).
 
-    t0 = time.monotonic() when the client (sshpass + ssh, in the client namespace) of the 5th
-    failed password login returned, refused; t1 = time.monotonic() when this process read the
-    producer's "blocking <source>/32 until" log line, which it writes right after putting the
-    source in the kernel's blocklist map. Before the attack, both consumers are consuming (the
-    alert consumer has handled packet-counts records, its group joined)."""
+    ssh_auth_failures (5 refused logins within 60 s; counted on each flow_end): t0 =
+    time.monotonic() when the client (sshpass + ssh, in the client namespace) of the 5th
+    failed password login returned, refused. ssh_bruteforce (10 connections with a completed
+    handshake within 60 s; counted on each flow_established): 9 failed logins, then t0 = when
+    the 10th client is started. t1 = time.monotonic() when this process read the producer's
+    "blocking <source>/32 until" log line, written right after the source went into the
+    kernel's blocklist map."""
+    return {**_attack_to_block(broker, "ssh_auth_failures", 5), "fin_linger_s": 2.0,
+            "by_connections": _attack_to_block(broker, "ssh_bruteforce", 10)}
+
+
+def _attack_to_block(broker: Broker, rule: str, attempts: int) -> dict:
     from xdpwatch.demo.lab import Sshd
 
     prefix = f"bench-brute{time.monotonic_ns()}"
     net = Net()
     sshd = Sshd(net)
     d = tempfile.mkdtemp(prefix="xw-bench-brute-")
+    marker = f"blocking {net.cli_ip}/32 until "
     try:
         with ProducerUnderTest(net, broker, "--topic-prefix", prefix, "--enforce", "--allow", BRUTE_FORCE_ALLOW) as prod:
-            alert = AlertUnderTest(broker, prefix, f"{prefix}-alert", d, "--block-on", "ssh_auth_failures")
+            alert = AlertUnderTest(broker, prefix, f"{prefix}-alert", d, "--block-on", rule)
             try:
                 wait_for(lambda: alert.metrics().get(alert.HANDLED, 0) > 0 or alert.proc.poll() is not None, 120,
                          "the alert consumer to handle its first records")
-                marker = f"blocking {net.cli_ip}/32 until "
-                refused = 0
-                t0 = None
-                while refused < 5:
+                last = attempts if rule == "ssh_auth_failures" else attempts - 1  # refused before t0
+                for _ in range(last):
+                    if prod.line_time(marker) is not None:
+                        raise RuntimeError(f"{rule}: blocked before attempt {attempts}")
                     r = net.exec(net.cli_ns, sshd.failed_login_cmd(connect_timeout=3), capture_output=True,
                                  text=True, timeout=30)
                     t0 = time.monotonic()
                     if r.returncode != 255 or "denied" not in r.stderr:
                         raise RuntimeError(f"a failed login did not fail as expected: {r.returncode} {r.stderr}")
-                    refused += 1
-                    if prod.line_time(marker) is not None:
-                        raise RuntimeError("blocked before the 5th refused login")
-                wait_for(lambda: prod.line_time(marker) is not None, 60, "the block")
+                client = None
+                if last < attempts:  # the attempt that crosses the threshold: its handshake is enough
+                    t0 = time.monotonic()
+                    client = subprocess.Popen(["ip", "netns", "exec", net.cli_ns,
+                                               *sshd.failed_login_cmd(connect_timeout=3)],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    wait_for(lambda: prod.line_time(marker) is not None, 60, f"the block ({rule})")
+                finally:
+                    if client is not None:
+                        client.kill()
+                        client.wait()
                 t1 = prod.line_time(marker)
                 sent = next((t for t, line in alert.log if f"sent block {net.cli_ip}" in line), None)
             finally:
@@ -747,7 +766,8 @@ def bruteforce_to_block(broker: Broker, quick: bool) -> dict:
         sshd.stop()
         net.cleanup()
     # where the time goes: the alert consumer logs "sent block ..." once the broker acknowledged the command
-    return {"refused_logins": refused, "seconds": round(t1 - t0, 3), "fin_linger_s": 2.0,
+    key = "refused_logins" if rule == "ssh_auth_failures" else "connections"
+    return {"rule": rule, key: attempts, "seconds": round(t1 - t0, 3),
             "to_command_acked_s": round(sent - t0, 3) if sent is not None else None}
 
 
@@ -1384,7 +1404,8 @@ TARGETS = [
     ("alert consumer ÷ bare loop with validation", "alert_vs_bare", ("ratio_to_bare_validated",), ">=", 0.5),
     ("producer RSS growth after warm-up, %", "memory", ("growth_after_warmup_pct",), "<=", 10.0),
     ("packet -> flow_start acked, p99 at 1,000/s, ms", "packet_to_kafka", ("1000_per_s", "p99_ms"), "<=", 50.0),
-    ("last failed login -> block in the kernel, s", "bruteforce_to_block", ("seconds",), "<=", 2.0),
+    ("last failed login -> block (ssh_auth_failures), s", "bruteforce_to_block", ("seconds",), "<=", 2.0),
+    ("10th connection -> block (ssh_bruteforce), s", "bruteforce_to_block", ("by_connections", "seconds"), "<=", 2.0),
 ]
 
 
@@ -1496,9 +1517,12 @@ def table(r: dict) -> str:
               f"max {v['max_ms']:.1f} ms; {v['flow_starts']:,} of {v['flows']:,} flow_starts; "
               f"sent at {v['sent_per_s']:,}/s")
              for k, v in pk.items()]
-    rows += [("   last failed login -> block in the kernel", f"{bf['seconds']:.3f} s",
-              f"{bf['refused_logins']} refused logins, producer's FIN linger {bf['fin_linger_s']} s; "
-              f"block command acknowledged after {bf['to_command_acked_s']:.3f} s")]
+    bc = bf["by_connections"]
+    rows += [("   last failed login -> block (ssh_auth_failures)", f"{bf['seconds']:.3f} s",
+              f"{bf['refused_logins']} refused logins, counted at flow_end: producer's FIN linger "
+              f"{bf['fin_linger_s']} s; block command acknowledged after {bf['to_command_acked_s']:.3f} s"),
+             ("   10th connection -> block (ssh_bruteforce)", f"{bc['seconds']:.3f} s",
+              f"counted at flow_established; block command acknowledged after {bc['to_command_acked_s']:.3f} s")]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)

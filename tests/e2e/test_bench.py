@@ -58,7 +58,8 @@ def test_quick_bench_produces_every_figure(tmp_path):
     for rate in ("1000_per_s", "50000_per_s"):  # every flow's flow_start reached Kafka and was timed
         p = result["packet_to_kafka"][rate]
         assert p["flow_starts"] == p["flows"] <= p["frames_sent"], p
-    assert result["bruteforce_to_block"]["refused_logins"] == 5
+    bf = result["bruteforce_to_block"]  # each blocking rule blocked the attacker, at its threshold
+    assert bf["refused_logins"] == 5 and bf["by_connections"]["connections"] == 10
     assert [t["runs"] for t in result["targets"]] == [1] * len(result["targets"])  # every target has its figure
     ar = result["alert_restart"]  # resumed at the end, every alert read back, none published again
     assert ar["resumed_at_offsets_sum"] == ar["events"] and ar["alerts_read_back"] == ar["alerts_first_run"] > 0
